@@ -1,0 +1,6 @@
+"""Checkpoints: transformers-format families in and out (name maps + config translation), native longmoe format."""
+
+from .hf import FAMILIES, SUPPORTED, Checkpoint, load, save
+from .safetensors_io import CheckpointError
+
+__all__ = ["FAMILIES", "SUPPORTED", "Checkpoint", "CheckpointError", "load", "save"]

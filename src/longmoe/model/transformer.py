@@ -1,0 +1,249 @@
+"""The decoder-only transformer, for one device. Read top to bottom: norms, attention (GQA and MLA), block, model.
+
+Shapes: B batch, T new tokens, S cached + new keys, C hidden, H query heads, Hkv key/value heads, D head dim.
+Positions are always explicit ([B, T]); the KV cache, when given, is any object with
+`update(layer, k, v) -> (k_all, v_all, segments)` (see longmoe.engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .attention import Segment, attend, segments_from_positions
+from .config import ModelConfig
+from .moe import MLP, MoE
+from .rope import RotaryEmbedding, apply_rope
+
+
+class KVCache(Protocol):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Segment] | None]: ...
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in fp32, cast back, then scaled by a learned weight (none for Llama 4's L2 norm)."""
+
+    def __init__(self, dim: int, eps: float, weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else self.weight * y
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k norms, NoPE layers and local (sliding / chunked) windows."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.use_rope = c.rope_layers[layer_idx]
+        kind = c.layer_types[layer_idx]
+        self.window = c.sliding_window if kind == "sliding" else 0
+        self.chunk = c.attention_chunk_size if kind == "chunked" else 0
+        D = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * D, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * D, c.hidden_size, bias=c.o_bias)
+        self.q_norm = self.k_norm = None
+        if c.qk_norm == "head":  # Qwen3: per head, over D
+            self.q_norm, self.k_norm = RMSNorm(D, c.rms_norm_eps), RMSNorm(D, c.rms_norm_eps)
+        elif c.qk_norm == "full":  # OLMoE: over the whole projection
+            self.q_norm = RMSNorm(c.num_heads * D, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.num_kv_heads * D, c.rms_norm_eps)
+        elif c.qk_norm == "l2" and self.use_rope:  # Llama 4: weightless, after RoPE, RoPE layers only
+            self.q_norm = self.k_norm = RMSNorm(D, c.rms_norm_eps, weight=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        plan: list[Segment] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, -1, c.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, -1, c.head_dim)  # [B, T, Hkv, D]
+        v = v.view(B, T, -1, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q = apply_rope(q, *rope, interleaved=c.rope_interleaved)
+            k = apply_rope(k, *rope, interleaved=c.rope_interleaved)
+            if c.qk_norm == "l2":
+                q, k = self.q_norm(q), self.k_norm(k)
+        elif c.attn_temperature_tuning:
+            # Llama 4 NoPE layers: sharpen attention with distance, q *= 1 + s * log(1 + floor((pos + 1) / f)).
+            scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
+            q = (q * scale[:, :, None, None]).to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        segments = plan
+        if cache is not None:
+            k, v, segments = cache.update(self.layer_idx, k, v)
+        o = attend(q, k, v, segments, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3): keys and values are expanded from a per-token latent of
+    kv_lora_rank dims plus one shared RoPE key of qk_rope_head_dim dims; only those are cached."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        H = c.num_heads
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6)  # DeepSeek's reference uses 1e-6 here
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * c.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, H * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        plan: list[Segment] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, -1, c.qk_head_dim)  # [B, T, H, nope + rope]
+        q_pass, q_rot = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, rank]
+        q_rot = apply_rope(q_rot, *rope, interleaved=c.rope_interleaved)
+        k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=c.rope_interleaved)  # [B, T, 1, rope]
+        latent, k_rot = latent[:, None], k_rot.transpose(1, 2)  # [B, 1, T, rank], [B, 1, T, rope]
+        segments = plan
+        if cache is not None:
+            latent, k_rot, segments = cache.update(self.layer_idx, latent, k_rot)  # [B, 1, S, .]
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, -1, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, S, .]
+        k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [B, H, S, nope + rope]
+        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # [B, H, T, nope + rope]
+        o = attend(q, k, v, segments, scale=c.scale)  # [B, H, T, v_head_dim]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = (MLAttention if config.is_mla else Attention)(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.moe_layers[layer_idx]
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, positions, rope, plan, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, plan, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, router_logits = self.mlp(h)
+            return x + h, router_logits
+        return x + self.mlp(h), None
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_only)
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # one [B*T, E] fp32 per MoE layer
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        input_embeds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Output:
+        """input_ids [B, T] (or input_embeds [B, T, C]); positions [B, T], default 0..T-1 for every row.
+        Without a cache, positions that restart inside a row start a new document (packed sequences)."""
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids or input_embeds")
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [B, T, C]
+        B, T = x.shape[:2]
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a KV cache")
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        plan = segments_from_positions(positions) if cache is None else None
+        rope = self.rotary(positions)
+        router_logits = []
+        for layer in self.layers:
+            x, logits = layer(x, positions, rope, plan, cache)
+            if logits is not None:
+                router_logits.append(logits)
+        x = self.norm(x[:, -1:] if last_only else x)
+        return Output(self.lm_head(x), router_logits)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch: N(0, std) weights, unit norms, zero biases."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        self.reset_buffers(self.embed_tokens.weight.device)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """(Re)create non-persistent buffers, e.g. after building on the meta device and loading weights."""
+        self.rotary = RotaryEmbedding(self.config).to(device)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.tokens_per_expert = torch.zeros(self.config.num_experts, device=device)
+                if m.router.selection_bias is not None and m.router.selection_bias.is_meta:
+                    m.router.selection_bias = torch.zeros(self.config.num_experts, device=device)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active per token): a token uses its top-k routed experts plus everything else."""
+        total = sum(p.numel() for p in self.parameters())
+        c, idle = self.config, 0
+        for layer in self.layers:
+            if layer.is_moe:
+                per_expert = layer.mlp.experts.gate_up_proj[0].numel() + layer.mlp.experts.down_proj[0].numel()
+                idle += per_expert * (c.num_experts - c.num_experts_per_tok)
+        return total, total - idle

@@ -33,9 +33,20 @@ def test_greedy_generation_matches_transformers(hf_dirs, family):
     assert gen.finish_reason == ("stop" if len(expected) < NEW else "length")
 
     cli = subprocess.run(
-        [sys.executable, "-m", "longmoe.cli", "generate", "--model", str(path), "--prompt", PROMPT,
-         "--max-new-tokens", str(NEW)],
-        capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "longmoe.cli",
+            "generate",
+            "--model",
+            str(path),
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            str(NEW),
+        ],
+        capture_output=True,
+        timeout=120,
     )
     assert cli.returncode == 0, cli.stderr.decode()
     assert cli.stdout.decode("utf-8") == m.tokenizer.decode(expected)  # bytes: keep "\r" as written

@@ -61,7 +61,9 @@ class Model:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
-    def _start(self, prompt: str | list[int], max_new_tokens, temperature, top_k, top_p, seed) -> tuple[list, TokenStream]:
+    def _start(
+        self, prompt: str | list[int], max_new_tokens, temperature, top_k, top_p, seed
+    ) -> tuple[list, TokenStream]:
         validate_sampling(temperature, top_k, top_p, max_new_tokens)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:

@@ -48,7 +48,8 @@ def _rope(h: dict, default_theta: float) -> dict[str, Any]:
         raise ConfigError("partial_rotary_factor != 1 is not supported")
     if kind in ("llama3", "yarn", "longrope"):
         params.setdefault(
-            "original_max_position_embeddings", h.get("original_max_position_embeddings") or h["max_position_embeddings"]
+            "original_max_position_embeddings",
+            h.get("original_max_position_embeddings") or h["max_position_embeddings"],
         )
     scaling = None if kind == "default" else {"rope_type": kind, **params}
     return {"rope_theta": float(theta), "rope_scaling": scaling}
@@ -493,8 +494,14 @@ def _assemble(family: Family, ours: str, items: list, want: list[int], path: Pat
 def _resolve_dtype(dtype: str | torch.dtype, hub: dict, refs: dict[str, TensorRef]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
-             "bf16": torch.bfloat16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }
     if dtype in names:
         return names[dtype]
     if dtype != "auto":
@@ -525,6 +532,18 @@ def _generation_config(path: Path, hub: dict) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # saving
+
+
+def native(model: Transformer, path: str | Path = ".") -> Checkpoint:
+    """Wrap a model built in longmoe (e.g. by the trainer) so `save` writes the native format: config.json holds
+    the ModelConfig fields, tensors keep our names."""
+    config = model.config
+    state = model.state_dict()
+    sources = {k: Source("copy", [k], t.dtype) for k, t in state.items()}
+    if config.tie_word_embeddings:
+        sources.pop("lm_head.weight")
+    hub = {"model_type": "longmoe", **config.to_dict()}
+    return Checkpoint(model, config, Path(path), hub, sources, {})
 
 
 def save(ckpt: Checkpoint, out: str | Path, dtype: torch.dtype | None = None) -> None:

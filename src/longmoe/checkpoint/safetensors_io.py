@@ -62,7 +62,9 @@ class SafetensorsFile:
                 raise self._error(f"is {size} bytes, too short to be a safetensors file")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100_000_000:
-                raise self._error(f"declares a {n}-byte header but the file is {size} bytes (truncated or not safetensors)")
+                raise self._error(
+                    f"declares a {n}-byte header but the file is {size} bytes (truncated or not safetensors)"
+                )
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -144,7 +146,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     offset = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep tensor data 8-byte aligned

@@ -135,7 +135,9 @@ def _sliding(q, k, v, end, scale, window):
         k_pos = torch.arange(lo, b, device=q.device)[None, :]
         visible = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [block, <= W + block]
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-        o, lse = sdpa(q[:, :, a - q_start : b - q_start], k[:, :, ks], v[:, :, ks], causal=False, scale=scale, bias=bias)
+        o, lse = sdpa(
+            q[:, :, a - q_start : b - q_start], k[:, :, ks], v[:, :, ks], causal=False, scale=scale, bias=bias
+        )
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -194,7 +196,9 @@ def _sdpa_math(q, k, v, causal, scale, bias, block: int = 1024):
     return (acc / s_sum[..., None]).to(q.dtype), lse
 
 
-def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint key sets, in fp32 and without exp overflow:
     out = out_a - sigmoid(lse_b - lse_a) * (out_a - out_b); lse = logaddexp(lse_a, lse_b)."""
     (out_a, lse_a), (out_b, lse_b) = a, b

@@ -113,9 +113,7 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of KV cache one token costs summed over layers (MLA caches its compressed latent once)."""
-        per_layer = (
-            self.kv_lora_rank + self.qk_rope_head_dim if self.is_mla else 2 * self.num_kv_heads * self.head_dim
-        )
+        per_layer = self.kv_lora_rank + self.qk_rope_head_dim if self.is_mla else 2 * self.num_kv_heads * self.head_dim
         return per_layer * dtype_bytes * self.num_layers
 
     def validate(self) -> None:

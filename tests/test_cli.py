@@ -80,3 +80,29 @@ def test_unknown_option_is_reported():
     out = run("generate", "--modle", "x")
     assert out.returncode == 2
     assert "unrecognized arguments" in out.stderr or "required" in out.stderr
+
+
+def test_context_files_and_stats(hf_dirs, tmp_path):
+    path, _ = hf_dirs("qwen3_moe")
+    doc1, doc2 = tmp_path / "a.txt", tmp_path / "b.txt"
+    doc1.write_text("The special magic number is 4217.")
+    doc2.write_text("Mixture-of-experts route each token.")
+    out = run("generate", "--model", str(path), "--context-file", str(doc1), "--context-file", str(doc2),
+              "--prompt", "What is it?", "--max-new-tokens", "6", "--stats")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    import longmoe
+
+    m = longmoe.load(path)
+    full = "The special magic number is 4217.\n\nMixture-of-experts route each token.\n\nWhat is it?"
+    expected = m.generate(full, max_new_tokens=6)
+    assert out.stdout == expected.text
+    assert f"prompt {m.count_tokens(full)} tokens" in out.stderr and "prefill" in out.stderr and "tok/s" in out.stderr
+
+
+def test_too_large_request_is_refused_by_the_cli(hf_dirs, tmp_path):
+    path, _ = hf_dirs("llama")
+    big = tmp_path / "big.txt"
+    big.write_text("needle " * 20_000)  # far more KV than this 256-position toy model budgets for
+    out = run("generate", "--model", str(path), "--context-file", str(big), "--prompt", "x", "--max-new-tokens", "1")
+    assert out.returncode == 2
+    assert "needs" in out.stderr and "KV cache" in out.stderr and "Traceback" not in out.stderr

@@ -12,36 +12,39 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
-from .engine.generate import TokenStream, generate_tokens
-from .engine.sampling import validate_sampling
+from .engine.engine import Engine, SamplingParams, Sequence
 from .model import ModelConfig, Transformer
-from .tokenizer import Tokenizer, incremental_text
+from .tokenizer import Tokenizer
 
 
 @dataclass
 class Usage:
     prompt_tokens: int
     generated_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
 class Generation:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-sequence token) | "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (end-of-sequence token or stop sequence) | "length" (max_new_tokens reached)
     usage: Usage
     prefill_seconds: float
     decode_seconds: float
+    logprobs: list[float] | None = None  # of each generated token, when asked for
 
 
 class Model:
-    """A loaded model with its tokenizer. Construct with `longmoe.load`."""
+    """A loaded model with its tokenizer and inference engine. Construct with `longmoe.load`."""
 
-    def __init__(self, checkpoint: Checkpoint, tokenizer: Tokenizer | None):
+    def __init__(self, checkpoint: Checkpoint, tokenizer: Tokenizer | None, **engine_options: Any):
         self.checkpoint = checkpoint
         self.tokenizer = tokenizer
         eos = checkpoint.generation.get("eos_token_id")
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.engine_options = engine_options
+        self._engine: Engine | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -50,6 +53,13 @@ class Model:
     @property
     def module(self) -> Transformer:
         return self.checkpoint.model
+
+    @property
+    def engine(self) -> Engine:
+        """The paged-KV engine, created on first use (its KV pool is sized then)."""
+        if self._engine is None:
+            self._engine = Engine(self.module, self.tokenizer, eos_ids=self.eos_ids, **self.engine_options)
+        return self._engine
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -61,27 +71,10 @@ class Model:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
-    def _start(
-        self, prompt: str | list[int], max_new_tokens, temperature, top_k, top_p, seed
-    ) -> tuple[list, TokenStream]:
-        validate_sampling(temperature, top_k, top_p, max_new_tokens)
+    def submit(self, prompt: str | list[int], **params: Any) -> Sequence:
+        """Queue a request on the engine (see SamplingParams for the options) and return its sequence."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty (no tokens); give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        stream = generate_tokens(
-            self.module,
-            ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            eos_ids=self.eos_ids,
-        )
-        return ids, stream
+        return self.engine.submit(ids, SamplingParams(**params))
 
     def generate(
         self,
@@ -91,18 +84,24 @@ class Model:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: list[str] | None = None,
+        logprobs: bool = False,
     ) -> Generation:
-        """Continue `prompt` (raw text, no chat template; or token ids). temperature 0 is greedy decoding."""
-        ids, stream = self._start(prompt, max_new_tokens, temperature, top_k, top_p, seed)
-        out = list(stream)
-        text = self.tokenizer.decode(out) if self.tokenizer is not None else ""
+        """Continue `prompt` (raw text, no chat template; or token ids). temperature 0 is greedy decoding; `stop`
+        sequences end generation and are cut from the text."""
+        seq = self.submit(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop=list(stop or []), logprobs=logprobs,
+        )  # fmt: skip
+        self.engine.run(seq)
         return Generation(
-            text=text,
-            token_ids=out,
-            finish_reason=stream.finish_reason,
-            usage=Usage(len(ids), len(out)),
-            prefill_seconds=stream.timings.prefill_seconds,
-            decode_seconds=stream.timings.decode_seconds,
+            text=seq.text,
+            token_ids=list(seq.output),
+            finish_reason=seq.finish_reason or "length",
+            usage=Usage(len(seq.prompt), len(seq.output), seq.num_cached),
+            prefill_seconds=seq.timings.prefill_seconds,
+            decode_seconds=seq.timings.decode_seconds,
+            logprobs=list(seq.logprobs) if logprobs else None,
         )
 
     def stream(
@@ -113,22 +112,18 @@ class Model:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """Yield the generated text piece by piece as tokens arrive (never splitting a UTF-8 character)."""
+        stop: list[str] | None = None,
+    ) -> TextStream:
+        """Iterate over the generated text piece by piece as tokens arrive (never splitting a UTF-8 character,
+        never showing text that a stop sequence later removes). `.sequence` has usage and timings afterwards;
+        leaving the loop early cancels the request."""
         if self.tokenizer is None:
             raise CheckpointError(f"{self.checkpoint.path} has no tokenizer.json; streaming text needs one")
-        _, stream = self._start(prompt, max_new_tokens, temperature, top_k, top_p, seed)
-        out: list[int] = []
-        emitted = ""
-        for tok in stream:
-            out.append(tok)
-            piece = incremental_text(self.tokenizer, out, emitted)
-            if piece:
-                emitted += piece
-                yield piece
-        rest = self.tokenizer.decode(out)[len(emitted) :]  # what was held back (e.g. an unfinished UTF-8 sequence)
-        if rest:
-            yield rest
+        seq = self.submit(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop=list(stop or []),
+        )  # fmt: skip
+        return TextStream(self.engine, seq)
 
     def info(self) -> dict[str, Any]:
         c = self.config
@@ -157,10 +152,34 @@ class Model:
         save_checkpoint(self.checkpoint, out, dtype)
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "auto") -> Model:
+class TextStream:
+    def __init__(self, engine: Engine, sequence: Sequence):
+        self.engine, self.sequence = engine, sequence
+
+    def __iter__(self) -> Iterator[str]:
+        seq, engine = self.sequence, self.engine
+        try:
+            while True:
+                done = seq.finished
+                piece = seq.take_text()
+                if piece:
+                    yield piece
+                if done:
+                    return
+                if engine.background:
+                    seq.wait(0.05)
+                else:
+                    engine.step()
+        finally:
+            if not seq.finished:
+                engine.cancel(seq)
+
+
+def load(path: str | Path, dtype: str | torch.dtype = "auto", **engine_options: Any) -> Model:
     """Load a model directory (transformers format: config.json, *.safetensors, tokenizer.json; or native longmoe).
-    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16"."""
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16". engine_options go to `Engine`
+    (kv_dtype="fp8", chunk_size, block_size, kv_memory, max_batch_tokens, max_seqs)."""
     ckpt = load_checkpoint(path, dtype)
     tok_path = Path(path) / "tokenizer.json"
     tokenizer = Tokenizer(tok_path) if tok_path.exists() else None
-    return Model(ckpt, tokenizer)
+    return Model(ckpt, tokenizer, **engine_options)

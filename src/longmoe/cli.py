@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 DESCRIPTION = """\
 longmoe: open sparse Mixture-of-Experts long-context transformers.
@@ -37,11 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json + *.safetensors)")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text; '-' reads it from stdin")
+    g.add_argument(
+        "--context-file",
+        action="append",
+        default=[],
+        metavar="F",
+        help="a text file to put before the prompt (repeatable; in order, separated by blank lines)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N tokens (default: 128)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
     g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass in (0, 1]")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
+    g.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="KV cache dtype (fp8: half of bf16)")
+    g.add_argument(
+        "--chunk-size", type=int, default=2048, metavar="N", help="prefill chunk in tokens (default: %(default)s)"
+    )
+    g.add_argument("--stats", action="store_true", help="print token counts and timings to stderr at the end")
     _dtype_arg(g)
 
     i = sub.add_parser(
@@ -66,21 +80,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import longmoe
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = longmoe.load(args.model, dtype=args.dtype)
+    parts = []
+    for f in args.context_file:
+        try:
+            parts.append(open(f, encoding="utf-8").read())
+        except UnicodeDecodeError:
+            raise ValueError(f"--context-file {f}: not UTF-8 text") from None
+    prompt = "\n\n".join(parts + [prompt])
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    model = longmoe.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, chunk_size=args.chunk_size)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")  # model text is UTF-8 whatever the locale says
-    for piece in model.stream(
+    t0 = time.perf_counter()
+    stream = model.stream(
         prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-    ):
+        stop=args.stop,
+    )
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
+    if args.stats:
+        seq = stream.sequence
+        p, d = seq.timings.prefill_seconds, seq.timings.decode_seconds
+        n_new = len(seq.output)
+        print(
+            f"prompt {len(seq.prompt):,} tokens ({seq.num_cached:,} cached), generated {n_new:,} "
+            f"[{seq.finish_reason}]\nprefill {p:.3f} s ({(len(seq.prompt) - seq.num_cached) / max(p, 1e-9):,.0f} tok/s)"
+            f", decode {d:.3f} s ({n_new / max(d, 1e-9):,.1f} tok/s), wall {time.perf_counter() - t0:.3f} s",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -106,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .checkpoint import CheckpointError
+    from .engine.planner import MemoryPlanError
     from .model import ConfigError
 
     try:
         return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, MemoryPlanError, ValueError, OSError) as e:
         print(f"longmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,8 @@
 """The decoder-only transformer, for one device. Read top to bottom: norms, attention (GQA and MLA), block, model.
 
 Shapes: B batch, T new tokens, S cached + new keys, C hidden, H query heads, Hkv key/value heads, D head dim.
-Positions are always explicit ([B, T]); the KV cache, when given, is any object with
-`update(layer, k, v) -> (k_all, v_all, segments)` (see longmoe.engine).
+Positions are always explicit ([B, T]). A KV cache, when given, owns both storage and attention over what it stores:
+`cache.attend(layer, q, k, v, scale=, window=, chunk=)` (see longmoe.engine.kv_cache).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from .rope import RotaryEmbedding, apply_rope
 
 
 class KVCache(Protocol):
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[Segment] | None]: ...
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int, chunk: int
+    ) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -94,10 +94,10 @@ class Attention(nn.Module):
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        segments = plan
-        if cache is not None:
-            k, v, segments = cache.update(self.layer_idx, k, v)
-        o = attend(q, k, v, segments, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
+        if cache is None:
+            o = attend(q, k, v, plan, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
+        else:
+            o = cache.attend(self.layer_idx, q, k, v, scale=c.scale, window=self.window, chunk=self.chunk)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -138,17 +138,31 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [B, T, rank]
         q_rot = apply_rope(q_rot, *rope, interleaved=c.rope_interleaved)
         k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=c.rope_interleaved)  # [B, T, 1, rope]
-        latent, k_rot = latent[:, None], k_rot.transpose(1, 2)  # [B, 1, T, rank], [B, 1, T, rope]
-        segments = plan
         if cache is not None:
-            latent, k_rot, segments = cache.update(self.layer_idx, latent, k_rot)  # [B, 1, S, .]
-        S = latent.shape[2]
-        kv = self.kv_b_proj(latent[:, 0]).view(B, S, -1, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
+            return self._absorbed(q_pass, q_rot, latent, k_rot, cache)
+        S = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(B, S, -1, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, S, .]
+        k_rot = k_rot.transpose(1, 2)  # [B, 1, S, rope]
         k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [B, H, S, nope + rope]
         q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # [B, H, T, nope + rope]
-        o = attend(q, k, v, segments, scale=c.scale)  # [B, H, T, v_head_dim]
+        o = attend(q, k, v, plan, scale=c.scale)  # [B, H, T, v_head_dim]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _absorbed(self, q_pass, q_rot, latent, k_rot, cache: KVCache) -> torch.Tensor:
+        """Inference form (DeepSeek-V2 sec. 2.1.2): fold kv_b_proj's key half into the queries and its value half
+        into the output, so attention runs as one-KV-head MQA directly over the cached [latent ; rope key], and the
+        per-head keys and values are never materialised. Scores are unchanged: q_nope.(W_uk c) = (W_uk^T q_nope).c"""
+        c = self.config
+        B, T = q_pass.shape[:2]
+        w = self.kv_b_proj.weight.view(c.num_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, rank], [H, v, rank]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_pass, w_uk)  # [B, H, T, rank]
+        q = torch.cat((q_lat, q_rot.transpose(1, 2)), dim=-1)  # [B, H, T, rank + rope]
+        kv = torch.cat((latent, k_rot[:, :, 0]), dim=-1)[:, None]  # [B, 1, T, rank + rope]
+        o = cache.attend(self.layer_idx, q, kv, kv, scale=c.scale, window=0, chunk=0)  # values = kv: slice after
+        o = torch.einsum("bhtr,hvr->bthv", o[..., : c.kv_lora_rank], w_uv)  # [B, T, H, v]
+        return self.o_proj(o.reshape(B, T, -1))
 
 
 class Block(nn.Module):

@@ -1,8 +1,12 @@
 """The paged-KV engine equals a plain forward pass: decode vs re-score, chunked vs one-shot, cache hits vs cold runs,
 batched vs alone; fp8 KV within tolerance; local layers keep only their window; memory planning; pins; cancel."""
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +213,16 @@ def test_usage_and_timings_are_reported(hf_dirs):
     out = m.generate(PROMPT, max_new_tokens=5)
     assert out.usage.prompt_tokens == m.count_tokens(PROMPT) and out.usage.generated_tokens == 5
     assert out.prefill_seconds > 0 and out.decode_seconds > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for RSS")
+def test_long_context_peak_memory_within_the_plan():
+    """A 32K-token context through bench/long_context.py (the 1M-token benchmark, scaled down for CI): peak RSS
+    stays within the planner's estimate (baseline process + KV + chunk working memory)."""
+    bench = Path(__file__).parent.parent / "bench" / "long_context.py"
+    out = subprocess.run([sys.executable, str(bench), "--tokens", "32768", "--chunk", "4096", "--json"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["context_tokens"] == 32768 and result["generated"] == 16
+    assert result["peak_over_estimate"] <= 1.0, result

@@ -24,7 +24,7 @@ from ..model.config import ModelConfig
 from ..sysinfo import available_memory, fmt_gib
 from ..tokenizer import Detokenizer, Tokenizer
 from .kv_cache import PagedKVCache, Row, block_hashes
-from .planner import MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
+from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
 
 
@@ -134,6 +134,7 @@ class Engine:
             if kind != "full":
                 num_blocks[kind] = max_seqs * blocks_needed(self.config, kind, 1 << 62, chunk_size, block_size)
         local_bytes = sum(n * block_size * per_layer_token * layers[k] for k, n in num_blocks.items())
+        self.local_pool_bytes = local_bytes
         full_block = block_size * per_layer_token * layers.get("full", 0)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         free = available_memory(str(self.device)) - (weights if self.device.type == "cpu" else 0)
@@ -195,6 +196,15 @@ class Engine:
                 f"{fmt_gib(max(self.kv_budget, 0))} free for it; shorten the prompt or max_new_tokens, "
                 "use kv_dtype='fp8' (half the bytes of bf16), or free memory"
             )
+
+    def memory_plan(self, tokens: int) -> MemoryPlan:
+        """What this engine will hold for one sequence of `tokens`: weights, full-layer KV for every token plus the
+        local layers' fixed window pools (all of which fill up over time), and one chunk's working memory."""
+        c = self.config
+        full = c.layer_types.count("full") * bytes_per_token(c, self.kv_dtype, self.dtype)
+        full *= -(-tokens // self.block_size) * self.block_size
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return MemoryPlan(weights, full + self.local_pool_bytes, activation_bytes(c, self.chunk_size, self.dtype))
 
     @property
     def kv_dtype_name(self) -> str:

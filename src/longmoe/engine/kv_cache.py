@@ -218,16 +218,13 @@ class PagedKVCache:
             if not shared:
                 self._store(kind, li, 1, slots, vb)
             if kind == "full":
-                parts = []
-                for start, n in r.runs:  # cached prefix: every query sees all of it
+                result = sdpa(qb, kb[None], vb[None], causal=True, scale=scale)  # this step's tokens, causally
+                for start, n in r.runs:  # cached prefix: every query sees all of it, merged span by span
                     for a in range(start, start + n, SPAN):
                         sl = slice(a, min(a + SPAN, start + n))
                         kk = self._load(kind, li, 0, sl)
                         vv = kk if shared else self._load(kind, li, 1, sl)
-                        parts.append(sdpa(qb, kk[None], vv[None], causal=False, scale=scale))
-                result = sdpa(qb, kb[None], vb[None], causal=True, scale=scale)  # this step's tokens, causally
-                for part in parts:
-                    result = merge(part, result)
+                        result = merge(sdpa(qb, kk[None], vv[None], causal=False, scale=scale), result)
                 out[b : b + 1] = result[0]
             else:  # local layers: the visible prefix is at most one window, gathered then attended with its mask
                 lo = self.first_needed(kind, r.start)

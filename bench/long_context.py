@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -21,15 +20,25 @@ from longmoe.model import ModelConfig, Transformer
 from longmoe.sysinfo import fmt_gib
 
 
-def rss() -> int:
+def status(key: str) -> int:
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
     return 0
 
 
+def rss() -> int:
+    return status("VmRSS:")
+
+
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM), so the peak covers the run, not imports and setup."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return status("VmHWM:")
 
 
 def small_long_model() -> Transformer:
@@ -59,6 +68,7 @@ def main() -> None:
     model = small_long_model()
     engine = Engine(model, kv_dtype=args.kv_dtype, chunk_size=args.chunk, block_size=256, max_seqs=1)
     base = rss()  # interpreter + torch + weights, before any context
+    reset_peak()
     estimate = engine.memory_plan(args.tokens)
     prompt = torch.randint(0, 4096, (args.tokens - args.new,), generator=torch.Generator().manual_seed(0)).tolist()
 

@@ -341,6 +341,7 @@ class Engine:
             while len(table) * self.block_size < end:
                 prev = next((b for b in reversed(table) if b >= 0), None)
                 table.append(pool.allocate(prefer=None if prev is None else prev + 1))
+                self.cache.zero_block(kind, table[-1])
                 seq.reserved[kind] = max(0, seq.reserved.get(kind, 0) - 1)
 
     def _after_compute(self, seq: Sequence) -> None:

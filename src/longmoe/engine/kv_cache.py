@@ -166,16 +166,26 @@ class PagedKVCache:
             for kind, table in r.tables.items():
                 r.slots[kind] = torch.tensor([table[p // bs] * bs + p % bs for p in positions], dtype=torch.long)
             if "full" in r.tables:
+                # Runs of keys every query sees in full: the cached prefix, plus the new token itself when there is
+                # one (decode), which then needs no separate causal call.
                 r.runs = []
                 table = r.tables["full"]
-                for p in range(0, r.start, bs):  # consecutive physical blocks merge into one run
-                    n = min(bs, r.start - p)
+                visible = r.start + (r.length == 1)
+                for p in range(0, visible, bs):  # consecutive physical blocks merge into one run
+                    n = min(bs, visible - p)
                     slot = table[p // bs] * bs
                     if r.runs and r.runs[-1][0] + r.runs[-1][1] == slot and r.runs[-1][1] % bs == 0:
                         r.runs[-1] = (r.runs[-1][0], r.runs[-1][1] + n)
                     else:
                         r.runs.append((slot, n))
         self.rows = rows
+
+    def zero_block(self, kind: str, block: int) -> None:
+        """Clear a newly allocated block: decode reads whole blocks, and masked-out slots must not hold NaN/Inf."""
+        sl = slice(block * self.block_size, (block + 1) * self.block_size)
+        self.k[kind][:, :, sl] = 0
+        if self.v[kind] is not None:
+            self.v[kind][:, :, sl] = 0
 
     def _store(self, kind: str, li: int, which: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Write x [heads, T, D] into the slots of layer li's K (which=0) or V (which=1) storage."""
@@ -210,6 +220,7 @@ class PagedKVCache:
         q [B, H, T, D]; k, v [B, Hkv, T, D] (v may be k itself: MLA values are part of the cached keys)."""
         kind, li = self.kind_of[layer], self.index_in_kind[layer]
         shared = v is k
+        bs = self.block_size
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         for b, r in enumerate(self.rows):
             qb, kb, vb = q[b : b + 1], k[b], v[b]
@@ -218,17 +229,23 @@ class PagedKVCache:
             if not shared:
                 self._store(kind, li, 1, slots, vb)
             if kind == "full":
-                result = sdpa(qb, kb[None], vb[None], causal=True, scale=scale)  # this step's tokens, causally
+                result = None
+                if r.length > 1:
+                    result = sdpa(qb, kb[None], vb[None], causal=True, scale=scale)  # this step's tokens, causally
                 for start, n in r.runs:  # cached prefix: every query sees all of it, merged span by span
                     for a in range(start, start + n, SPAN):
-                        sl = slice(a, min(a + SPAN, start + n))
-                        kk = self._load(kind, li, 0, sl)
-                        vv = kk if shared else self._load(kind, li, 1, sl)
-                        result = merge(sdpa(qb, kk[None], vv[None], causal=False, scale=scale), result)
+                        b_end = min(a + SPAN, start + n)
+                        # Read whole blocks (shapes change once per block, not per token, so the matmul library's
+                        # kernel cache hits during decode); the zeroed tail past the last token is masked out.
+                        padded = min(b_end + (-b_end % bs), a + SPAN) if r.length == 1 else b_end
+                        kk = self._load(kind, li, 0, slice(a, padded))
+                        vv = kk if shared else self._load(kind, li, 1, slice(a, padded))
+                        part = sdpa(qb, kk[None], vv[None], causal=False, scale=scale, valid=b_end - a)
+                        result = part if result is None else merge(part, result)
                 out[b : b + 1] = result[0]
             else:  # local layers: the visible prefix is at most one window, gathered then attended with its mask
                 lo = self.first_needed(kind, r.start)
-                table, bs = r.tables[kind], self.block_size
+                table = r.tables[kind]
                 old = torch.tensor([table[p // bs] * bs + p % bs for p in range(lo, r.start)], dtype=torch.long)
                 kk = torch.cat([self._load(kind, li, 0, old), kb], dim=1)
                 vv = kk if shared else torch.cat([self._load(kind, li, 1, old), vb], dim=1)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 SLIDING_BLOCK = 512
 SMALL_QUERY_ROWS = 64  # up to this many query rows per kv head, attention runs as two matmuls (decode)
 
@@ -152,21 +154,22 @@ def sdpa(
     causal: bool,
     scale: float,
     bias: torch.Tensor | None = None,
+    valid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention returning (out, lse). Top-left causal alignment, so callers pass Tq == Tk when causal."""
+    """Fused attention returning (out, lse). Top-left causal alignment, so callers pass Tq == Tk when causal.
+    `valid`: only the first `valid` keys count (the rest is padding; decode path only)."""
     Dv = v.shape[-1]
     if Dv != q.shape[-1]:  # MLA: value heads are narrower than query/key heads; the fused kernels want one size
         v = F.pad(v, (0, q.shape[-1] - Dv))
     if k.shape[2] == 0:
         out = q.new_zeros(*q.shape[:3], Dv)
         return out, torch.full(q.shape[:3], float("-inf"), device=q.device)
-    if (
-        q.device.type == "cpu"
-        and not causal
-        and bias is None
-        and q.shape[2] * q.shape[1] <= SMALL_QUERY_ROWS * k.shape[1]
-    ):
-        out, lse = _sdpa_small(q, k, v, scale)
+    small = q.device.type == "cpu" and not causal and bias is None
+    small = small and q.shape[2] * q.shape[1] <= SMALL_QUERY_ROWS * k.shape[1]
+    if valid is not None and valid < k.shape[2] and not small:
+        k, v = k[:, :, :valid], v[:, :, :valid]
+    if small:
+        out, lse = _sdpa_small(q, k, v, scale, valid)
     elif q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
@@ -176,24 +179,40 @@ def sdpa(
     return out[..., :Dv], lse
 
 
-def _sdpa_small(q, k, v, scale):
-    """Few queries, many keys (decode): per kv head, scores = q_group @ K^T and out = softmax @ V as plain matmuls.
-    On CPU this streams the cache at memory bandwidth, ~10x faster than the flash kernel's per-block overhead at
-    one query. Scores come out of the matmul in the input dtype (bf16 for bf16 models), then softmax runs in fp32."""
+def _sdpa_small(q, k, v, scale, valid=None):
+    """Few queries, many keys (decode): per kv head, scores = q_group @ K^T and out = softmax @ V, streaming the
+    cache once. (The CPU flash kernel pays a per-block cost that makes one query ~10x slower.) Scores and softmax
+    are fp32; bf16 caches go through longmoe.kernels, fp32 ones through one batched matmul."""
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
     out = q.new_empty(B, H, T, v.shape[-1])
     lse = torch.empty(B, H, T, device=q.device)
     for b in range(B):
-        for h in range(Hkv):
-            heads = slice(h * rep, (h + 1) * rep)
-            s = F.linear(q[b, heads].reshape(rep * T, D), k[b, h]).float() * scale  # [rep*T, S]
-            m = s.amax(-1, keepdim=True)
-            p = (s - m).exp_()
-            denom = p.sum(-1, keepdim=True)
-            out[b, heads] = ((p / denom).to(v.dtype) @ v[b, h]).view(rep, T, -1)
-            lse[b, heads] = (m + denom.log()).view(rep, T)
+        qg = q[b].reshape(Hkv, rep * T, D)  # query heads grouped by the kv head they share
+        fused = [kernels.decode_attention(qg[h], k[b, h], v[b, h], scale, valid or S) for h in range(Hkv)]
+        if all(f is not None for f in fused):
+            out[b] = torch.stack([o for o, _ in fused]).reshape(H, T, -1)
+            lse[b] = torch.stack([x for _, x in fused]).reshape(H, T)
+            continue
+        if k.dtype == torch.float32:
+            s = torch.bmm(qg, k[b].transpose(1, 2))  # [Hkv, rep*T, S]
+        else:
+            s = torch.stack([kernels.scores(qg[h], k[b, h]) for h in range(Hkv)])
+        s = s * scale
+        if valid is not None and valid < S:
+            s[..., valid:] = float("-inf")
+        m = s.amax(dim=-1, keepdim=True)  # [Hkv, rep*T, 1]
+        p = (s - m).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        p /= total
+        lse_b = m + total.log()
+        if v.dtype == torch.float32:
+            o = torch.bmm(p, v[b])
+        else:
+            o = torch.stack([kernels.weighted_sum(p[h], v[b, h]) for h in range(Hkv)])
+        out[b] = o.reshape(H, T, -1)
+        lse[b] = lse_b.reshape(H, T)
     return out, lse
 
 

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear that decodes (a few bf16 rows on CPU) through longmoe.kernels' streaming GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -23,9 +31,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -64,6 +72,9 @@ class Router(nn.Module):
         return logits_NE, weights_NK * c.routed_scaling_factor, experts_NK
 
 
+SMALL_DISPATCH = 64  # routed (token, expert) pairs up to which the per-expert loop beats grouped_mm on CPU
+
+
 def grouped_mm_supported(*dims: int) -> bool:
     # torch >= 2.9 has a CPU/SM80 fallback; the kernels need 16-byte aligned rows (8 bf16 / 4 fp32 elements).
     return hasattr(F, "grouped_mm") and all(d % 8 == 0 for d in dims)
@@ -78,7 +89,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MH: routed tokens sorted by expert, counts_E tokens per expert -> expert outputs [M, H]."""
-        if self.impl == "loop":
+        # Few routed tokens (decode): the loop touches only the experts in use; grouped_mm's CPU fallback pays for
+        # every expert, empty or not.
+        if self.impl == "loop" or (x_MH.device.type == "cpu" and x_MH.shape[0] <= SMALL_DISPATCH):
             return self.forward_loop(x_MH, counts_E)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(x_MH, self.gate_up_proj.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
@@ -92,8 +105,8 @@ class GroupedExperts(nn.Module):
             if n == 0:
                 continue
             x = x_MH[start : start + n]
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = kernels.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[start : start + n] = kernels.linear(F.silu(gate) * up, self.down_proj[e])
             start += n
         return out
 
@@ -109,7 +122,7 @@ class MoE(nn.Module):
             if config.shared_expert_intermediate_size
             else None
         )
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         # Tokens routed to each expert while training; read and reset by `update_selection_bias` (outside forward).
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
 
@@ -118,8 +131,20 @@ class MoE(nn.Module):
         shape = x.shape
         x_NH = x.reshape(-1, shape[-1])
         logits_NE, weights_NK, experts_NK = self.router(x_NH)
-        K, E = experts_NK.shape[1], self.config.num_experts
 
+        if self.training or experts_NK.numel() > SMALL_DISPATCH or x.device.type != "cpu":
+            out_NH = self._dispatch(x_NH, weights_NK, experts_NK)
+        else:
+            out_NH = self._few_tokens(x_NH, weights_NK, experts_NK)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x_NH)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_NH)) * shared
+            out_NH = out_NH + shared
+        return out_NH.view(shape), logits_NE
+
+    def _dispatch(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        K, E = experts_NK.shape[1], self.config.num_experts
         # Dispatch: sort the N*K (token, slot) pairs by expert; stable, so tokens keep their order within an expert.
         experts_M = experts_NK.flatten()
         order_M = experts_M.argsort(stable=True)
@@ -131,19 +156,37 @@ class MoE(nn.Module):
 
         x_MH = x_NH[token_M]
         if self.config.weight_on_input:
-            x_MH = (x_MH * weight_M1).to(x.dtype)
+            x_MH = (x_MH * weight_M1).to(x_NH.dtype)
         y_MH = self.experts(x_MH, counts_E)
         if not self.config.weight_on_input:
-            y_MH = (y_MH * weight_M1).to(x.dtype)
-
+            y_MH = (y_MH * weight_M1).to(x_NH.dtype)
         # Combine: scatter each pair's output back onto its token (index_add_ is deterministic on CPU).
-        out_NH = torch.zeros_like(x_NH).index_add_(0, token_M, y_MH)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x_NH)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x_NH)) * shared
-            out_NH = out_NH + shared
-        return out_NH.view(shape), logits_NE
+        return torch.zeros_like(x_NH).index_add_(0, token_M, y_MH)
+
+    def _few_tokens(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        """Decode: a handful of (token, expert) pairs. Same arithmetic and summation order as `_dispatch` (experts in
+        increasing id), without the sort/histogram/gather machinery whose fixed cost dominates at this size."""
+        pairs: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(experts_NK.tolist()):  # NOTE: host sync; fine at decode sizes on CPU
+            for j, e in enumerate(row):
+                pairs.setdefault(e, []).append((t, j))
+        out_NH = torch.zeros_like(x_NH)
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        for e in sorted(pairs):
+            ts, js = zip(*pairs[e])
+            w = weights_NK[ts, js][:, None]  # [n, 1] fp32
+            x = x_NH[list(ts)]
+            if self.config.weight_on_input:
+                x = (x * w).to(x_NH.dtype)
+            gate, up = kernels.linear(x, gate_up[e]).chunk(2, dim=-1)
+            y = kernels.linear(F.silu(gate) * up, down[e])
+            if not self.config.weight_on_input:
+                y = (y * w).to(x_NH.dtype)
+            if len(ts) == 1:
+                out_NH[ts[0]] += y[0]
+            else:
+                out_NH.index_add_(0, torch.tensor(ts), y)
+        return out_NH
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, score_func: str = "softmax") -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import Segment, attend, segments_from_positions
 from .config import ModelConfig
-from .moe import MLP, MoE
+from .moe import MLP, Linear, MoE
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -51,10 +51,10 @@ class Attention(nn.Module):
         self.window = c.sliding_window if kind == "sliding" else 0
         self.chunk = c.attention_chunk_size if kind == "chunked" else 0
         D = c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * D, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * D, c.hidden_size, bias=c.o_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * D, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * D, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_heads * D, c.hidden_size, bias=c.o_bias)
         self.q_norm = self.k_norm = None
         if c.qk_norm == "head":  # Qwen3: per head, over D
             self.q_norm, self.k_norm = RMSNorm(D, c.rms_norm_eps), RMSNorm(D, c.rms_norm_eps)
@@ -111,15 +111,15 @@ class MLAttention(nn.Module):
         self.config, self.layer_idx = c, layer_idx
         H = c.num_heads
         if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6)  # DeepSeek's reference uses 1e-6 here
-            self.q_b_proj = nn.Linear(c.q_lora_rank, H * c.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, H * c.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(c.hidden_size, H * c.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+            self.q_proj = Linear(c.hidden_size, H * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(
         self,
@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)

@@ -1,0 +1,181 @@
+// Bandwidth-bound CPU kernels for decoding (few query rows): bf16 weights/KV streamed once, fp32 accumulation.
+// Built on first use by longmoe/kernels/__init__.py with the system C compiler; AVX-512 BF16 required.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#include <math.h>
+
+static inline __m512 bf16x16_to_f32(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// out[m * ldo + n] = sum_k x[m * K + k] * w[n * ldw + k]  for m < M, n < N.  K % 32 == 0.
+void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int N, float* out, long ldo) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint16_t* wr = w + (long)n * ldw;
+        for (int m = 0; m < M; m++) {
+            const uint16_t* xr = x + (long)m * K;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            int k = 0;
+            for (; k + 64 <= K; k += 64) {
+                acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xr + k));
+                acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + k + 32),
+                                        (__m512bh)_mm512_loadu_si512(xr + k + 32));
+            }
+            for (; k < K; k += 32)
+                acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xr + k));
+            out[(long)m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        }
+    }
+}
+
+// out[m * D + d] = sum_s p[m * ldp + s] * v[s * ldv + d]  for m < M, d < D.  D % 64 == 0.
+// Each thread takes a range of s; within it, tiles of 256 rows stay in L2 while 4 (m) x 64 (d) accumulators stay in
+// registers. Per-thread partial sums are added at the end.
+#define PV_TILE 256
+void pv_bf16(const float* p, int M, int S, long ldp, const uint16_t* v, long ldv, int D, float* out) {
+    int threads = omp_get_max_threads();
+    float* partial = (float*)calloc((size_t)threads * M * D, sizeof(float));
+    #pragma omp parallel
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int s0 = (int)((long)S * t / nt), s1 = (int)((long)S * (t + 1) / nt);
+        float* acc = partial + (long)t * M * D;
+        for (int ts = s0; ts < s1; ts += PV_TILE) {
+            int te = ts + PV_TILE < s1 ? ts + PV_TILE : s1;
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                int mn = M - m0 < 4 ? M - m0 : 4;
+                for (int d = 0; d < D; d += 64) {
+                    __m512 a[4][4];
+                    for (int i = 0; i < 4; i++)
+                        for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+                    for (int s = ts; s < te; s++) {
+                        const uint16_t* vr = v + (long)s * ldv + d;
+                        __m512 v0 = bf16x16_to_f32(vr), v1 = bf16x16_to_f32(vr + 16);
+                        __m512 v2 = bf16x16_to_f32(vr + 32), v3 = bf16x16_to_f32(vr + 48);
+                        for (int i = 0; i < mn; i++) {
+                            __m512 pb = _mm512_set1_ps(p[(long)(m0 + i) * ldp + s]);
+                            a[i][0] = _mm512_fmadd_ps(pb, v0, a[i][0]);
+                            a[i][1] = _mm512_fmadd_ps(pb, v1, a[i][1]);
+                            a[i][2] = _mm512_fmadd_ps(pb, v2, a[i][2]);
+                            a[i][3] = _mm512_fmadd_ps(pb, v3, a[i][3]);
+                        }
+                    }
+                    for (int i = 0; i < mn; i++)
+                        for (int j = 0; j < 4; j++) {
+                            float* dst = acc + (long)(m0 + i) * D + d + 16 * j;
+                            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[i][j]));
+                        }
+                }
+            }
+        }
+    }
+    memset(out, 0, sizeof(float) * M * D);
+    for (int t = 0; t < threads; t++)
+        for (long i = 0; i < (long)M * D; i++) out[i] += partial[(long)t * M * D + i];
+    free(partial);
+}
+
+// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (rel. error ~2e-7), times 2^n.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Attention of a few query rows over a bf16 KV cache, for one (batch row, kv head) group of R query rows:
+//   q [R, D] bf16 (row stride ldq), k [S, D] bf16 (row stride ldk), v [S, Dv] bf16 (row stride ldv)
+//   out [R, Dv] fp32, lse [R] fp32.  Only the first `valid` keys count.  D % 32 == 0, Dv % 64 == 0, R <= 64.
+// Each thread takes a slice of the keys (scores -> max -> exp/sum -> weighted values), then slices are merged
+// through their max and sum, as in flash-decoding.
+void decode_attn_bf16(const uint16_t* q, int R, int D, long ldq, const uint16_t* k, long ldk, const uint16_t* v,
+                      long ldv, int Dv, int valid, float scale, float* out, float* lse) {
+    int threads = omp_get_max_threads();
+    float* part_acc = (float*)calloc((size_t)threads * R * Dv, sizeof(float));
+    float* part_m = (float*)malloc(sizeof(float) * threads * R);
+    float* part_l = (float*)calloc((size_t)threads * R, sizeof(float));
+    #pragma omp parallel
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int s0 = (int)((long)valid * t / nt), s1 = (int)((long)valid * (t + 1) / nt), n = s1 - s0;
+        float* sc = (float*)malloc(sizeof(float) * (n > 0 ? n : 1) * R);  // scores, then probabilities
+        for (int r = 0; r < R; r++) {
+            const uint16_t* qr = q + (long)r * ldq;
+            float mx = -INFINITY;
+            for (int s = 0; s < n; s++) {
+                const uint16_t* kr = k + (long)(s0 + s) * ldk;
+                __m512 acc = _mm512_setzero_ps();
+                for (int d = 0; d < D; d += 32)
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + d), (__m512bh)_mm512_loadu_si512(qr + d));
+                float x = _mm512_reduce_add_ps(acc) * scale;
+                sc[(long)r * n + s] = x;
+                mx = x > mx ? x : mx;
+            }
+            float* pr = sc + (long)r * n;
+            __m512 sum = _mm512_setzero_ps();
+            int s = 0;
+            for (; s + 16 <= n; s += 16) {
+                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + s), _mm512_set1_ps(mx)));
+                _mm512_storeu_ps(pr + s, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float l = _mm512_reduce_add_ps(sum);
+            for (; s < n; s++) { pr[s] = expf(pr[s] - mx); l += pr[s]; }
+            part_m[t * R + r] = mx;
+            part_l[t * R + r] = l;
+        }
+        float* acc = part_acc + (long)t * R * Dv;
+        for (int r0 = 0; r0 < R; r0 += 4) {
+            int rn = R - r0 < 4 ? R - r0 : 4;
+            for (int d = 0; d < Dv; d += 64) {
+                __m512 a[4][4];
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+                for (int s = 0; s < n; s++) {
+                    const uint16_t* vr = v + (long)(s0 + s) * ldv + d;
+                    __m512 v0 = bf16x16_to_f32(vr), v1 = bf16x16_to_f32(vr + 16);
+                    __m512 v2 = bf16x16_to_f32(vr + 32), v3 = bf16x16_to_f32(vr + 48);
+                    for (int i = 0; i < rn; i++) {
+                        __m512 pb = _mm512_set1_ps(sc[(long)(r0 + i) * n + s]);
+                        a[i][0] = _mm512_fmadd_ps(pb, v0, a[i][0]);
+                        a[i][1] = _mm512_fmadd_ps(pb, v1, a[i][1]);
+                        a[i][2] = _mm512_fmadd_ps(pb, v2, a[i][2]);
+                        a[i][3] = _mm512_fmadd_ps(pb, v3, a[i][3]);
+                    }
+                }
+                for (int i = 0; i < rn; i++)
+                    for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + (long)(r0 + i) * Dv + d + 16 * j, a[i][j]);
+            }
+        }
+        free(sc);
+    }
+    for (int r = 0; r < R; r++) {
+        float mx = -INFINITY, l = 0.0f;
+        for (int t = 0; t < threads; t++)
+            if (part_l[t * R + r] > 0 && part_m[t * R + r] > mx) mx = part_m[t * R + r];
+        for (int d = 0; d < Dv; d++) out[(long)r * Dv + d] = 0.0f;
+        for (int t = 0; t < threads; t++) {
+            if (part_l[t * R + r] <= 0) continue;
+            float w = expf(part_m[t * R + r] - mx);
+            l += w * part_l[t * R + r];
+            const float* a = part_acc + ((long)t * R + r) * Dv;
+            for (int d = 0; d < Dv; d++) out[(long)r * Dv + d] += w * a[d];
+        }
+        for (int d = 0; d < Dv; d++) out[(long)r * Dv + d] /= l;
+        lse[r] = mx + logf(l);
+    }
+    free(part_acc);
+    free(part_m);
+    free(part_l);
+}

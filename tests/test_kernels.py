@@ -1,0 +1,83 @@
+"""The decode kernels (longmoe/kernels/decode.c) equal the PyTorch ops they replace, within bf16 rounding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longmoe import kernels
+
+pytestmark = pytest.mark.skipif(not kernels._load(), reason="needs a C compiler and a CPU with AVX-512 BF16")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("K, N", [(64, 8), (512, 2048), (96, 33)])
+def test_linear_matches_fp32_reference(rows, K, N):
+    torch.manual_seed(0)
+    x = torch.randn(rows, K, dtype=torch.bfloat16)
+    pool = torch.randn(N, K + 32, dtype=torch.bfloat16)
+    w = pool[:, :K]  # rows with a stride, like a view into a bigger tensor
+    b = torch.randn(N, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = kernels.linear(x, w, b)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, N)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)  # one bf16 rounding
+
+
+def test_linear_falls_back_outside_its_domain():
+    x = torch.randn(40, 64, dtype=torch.bfloat16)  # too many rows: a GEMM
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    x32, w32 = x.float(), w.float()
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x32[:2], w32), F.linear(x32[:2], w32))  # fp32: not the kernel
+    x.requires_grad_()
+    assert kernels.linear(x[:1], w).requires_grad  # autograd: not the kernel
+
+
+@pytest.mark.parametrize(
+    "R, S, valid, Dv", [(1, 7, 7, 64), (4, 768, 700, 64), (8, 5000, 4321, 128), (64, 300, 300, 64)]
+)
+def test_decode_attention_matches_softmax_reference(R, S, valid, Dv):
+    torch.manual_seed(1)
+    q = torch.randn(R, 64, dtype=torch.bfloat16)
+    k = torch.randn(S, 64, dtype=torch.bfloat16)
+    v = torch.randn(S, Dv, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out, lse = kernels.decode_attention(q, k, v, 0.125, valid)
+    scores = (q.float() @ k.float()[:valid].T) * 0.125  # keys past `valid` are padding and must not count
+    torch.testing.assert_close(out, scores.softmax(-1) @ v.float()[:valid], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_decoding_with_and_without_kernels(hf_dirs):
+    path, _ = hf_dirs("qwen2_moe")
+    script = (
+        f"import longmoe, json; m = longmoe.load({str(path)!r}, dtype='bfloat16', block_size=16, chunk_size=24, "
+        "kv_memory=2**25); g = m.generate('The special magic number is', max_new_tokens=12, logprobs=True); "
+        "print(json.dumps([g.token_ids, g.logprobs]))"
+    )
+    runs = []
+    for flag in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "LONGMOE_KERNELS": flag})  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(torch.tensor(runs[0][1]), torch.tensor(runs[1][1]), atol=0.05, rtol=0)
+
+
+def test_scores_and_weighted_sum():
+    torch.manual_seed(2)
+    q = torch.randn(4, 64, dtype=torch.bfloat16)
+    k = torch.randn(1000, 64, dtype=torch.bfloat16)
+    p = torch.rand(4, 1000)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.scores(q, k), q.float() @ k.float().T, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(kernels.weighted_sum(p, k), p @ k.float(), atol=1e-3, rtol=1e-4)

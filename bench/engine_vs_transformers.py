@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ def machine_rates() -> dict[str, float]:
     for _ in range(5):
         dst.copy_(src)
     bandwidth = 5 * 2**30 / (time.perf_counter() - t)
+    del src, dst
     return {"bf16_flops": flops, "copy_bytes_per_s": bandwidth}
 
 
@@ -101,7 +101,8 @@ def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     fn = worker_longmoe if args.worker == "longmoe" else worker_transformers
     result = fn(args.task, args.tokens, args.new)
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent that forked us
+    result["peak_rss"] = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
     print(json.dumps(result))
 
 

@@ -58,6 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print token counts and timings to stderr at the end")
     _dtype_arg(g)
 
+    t = sub.add_parser(
+        "train",
+        help="train or extend a model (one process, or many under torchrun)",
+        description="Train a MoE model from a config file (TOML) or a preset, or continue one (init = DIR).\n"
+        "Presets: tiny (about a minute on a CPU). Metrics go to OUT/metrics.jsonl and OUT/tb (TensorBoard);\n"
+        "checkpoints to OUT/checkpoints; the final model to OUT/export (load it with longmoe generate).\n\n"
+        "Many processes: torchrun --nproc-per-node N -m longmoe.cli train CONFIG ... with [parallel] settings;\n"
+        "many nodes: add --nnodes M --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT on every node.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", metavar="CONFIG", help="a preset name (tiny) or a TOML file")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set optim.lr=3e-4 --set data.seq_len=1024 (repeatable)",
+    )
+    t.add_argument("--steps", type=int, metavar="N", help="length of the schedule (overrides the config)")
+    t.add_argument("--stop-at", type=int, metavar="K", help="stop cleanly after step K (resume later)")
+    t.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress line")
+
     i = sub.add_parser(
         "info",
         help="describe a model: parameters, experts, KV bytes per token, context",
@@ -120,6 +145,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import Trainer, load_config
+
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.save_every is not None:
+        overrides.append(f"save_every={args.save_every}")
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or f"runs/{Path(args.config).stem}")
+    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
+    trainer.train(stop_at=args.stop_at)
+    if trainer.dist.main:
+        done = ", export/" if trainer.step == cfg.steps else ""
+        print(f"run directory: {out} (metrics.jsonl, tb/, checkpoints/{done})", file=sys.stderr)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import longmoe
 
@@ -146,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     from .model import ConfigError
 
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
-    except (CheckpointError, ConfigError, MemoryPlanError, ValueError, OSError) as e:
+        return {"generate": cmd_generate, "info": cmd_info, "train": cmd_train}[args.command](args)
+    except (CheckpointError, ConfigError, MemoryPlanError, ValueError, OSError, FileNotFoundError) as e:
         print(f"longmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ the pin functions are safe to call from any thread.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 import time
 from collections import deque
@@ -26,6 +28,16 @@ from ..tokenizer import Detokenizer, Tokenizer
 from .kv_cache import PagedKVCache, Row, block_hashes
 from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if ctypes.util.find_library("c") else None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps the large per-chunk activation buffers of a long prefill
+    in its heap after they are freed: RSS after a 32K-token prefill was 2.8 GiB without this, 1.7 GiB with it,
+    for ~1 ms per prefill step."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 @dataclass
@@ -280,11 +292,15 @@ class Engine:
             if decoding:
                 self._decode(decoding)
                 budget -= len(decoding)
+            prefilled = False
             for seq in [s for s in self.running if s.num_computed < len(s.prompt)]:
                 while budget > 0 and seq.num_computed < len(seq.prompt):
                     budget -= self._prefill_chunk(seq, min(budget, self.chunk_size))
+                    prefilled = True
                 if budget <= 0:
                     break
+            if prefilled:
+                _malloc_trim()
 
     def _admit(self) -> None:
         """Move waiting sequences to running, FIFO, while their worst-case KV blocks can be reserved."""

@@ -171,15 +171,26 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ModelConfig:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-        for k, v in d.items():
-            if not _type_ok(v, hints[k]):
-                raise ConfigError(f"{where}: {k}={v!r} should be of type {hints[k]}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, where)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Build a config dataclass from plain data, naming the key on an unknown key or a wrong type."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {d!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
+    for k, v in d.items():
+        if not _type_ok(v, hints[k]):
+            raise ConfigError(f"{where}.{k} = {v!r} should be of type {_type_name(hints[k])}")
+    return cls(**d)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

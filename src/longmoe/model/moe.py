@@ -125,14 +125,22 @@ class MoE(nn.Module):
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         # Tokens routed to each expert while training; read and reset by `update_selection_bias` (outside forward).
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        # Seam for parallelism applied from outside: a callable(moe, x_NH, weights_NK, experts_NK) -> out_NH
+        # replaces the local dispatch (expert parallel, longmoe.train.parallel).
+        self.dispatcher = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> (out [B, T, H], router logits [B*T, E] fp32)."""
         shape = x.shape
         x_NH = x.reshape(-1, shape[-1])
         logits_NE, weights_NK, experts_NK = self.router(x_NH)
+        if self.training:
+            E = self.config.num_experts
+            self.tokens_per_expert += torch.histc(experts_NK.flatten().float(), bins=E, min=0, max=E)
 
-        if self.training or experts_NK.numel() > SMALL_DISPATCH or x.device.type != "cpu":
+        if self.dispatcher is not None:
+            out_NH = self.dispatcher(self, x_NH, weights_NK, experts_NK)
+        elif self.training or experts_NK.numel() > SMALL_DISPATCH or x.device.type != "cpu":
             out_NH = self._dispatch(x_NH, weights_NK, experts_NK)
         else:
             out_NH = self._few_tokens(x_NH, weights_NK, experts_NK)
@@ -150,8 +158,6 @@ class MoE(nn.Module):
         order_M = experts_M.argsort(stable=True)
         token_M = order_M // K
         counts_E = torch.histc(experts_M.float(), bins=E, min=0, max=E).to(torch.int64)  # no host sync
-        if self.training:
-            self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
         weight_M1 = weights_NK.flatten()[order_M, None]  # fp32
 
         x_MH = x_NH[token_M]

@@ -63,6 +63,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.num_kv_heads * D, c.rms_norm_eps)
         elif c.qk_norm == "l2" and self.use_rope:  # Llama 4: weightless, after RoPE, RoPE layers only
             self.q_norm = self.k_norm = RMSNorm(D, c.rms_norm_eps, weight=False)
+        self.attend_fn = attend  # seam for parallelism applied from outside (context parallel's ring attention)
 
     def forward(
         self,
@@ -95,7 +96,7 @@ class Attention(nn.Module):
             q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is None:
-            o = attend(q, k, v, plan, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
+            o = self.attend_fn(q, k, v, plan, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
         else:
             o = cache.attend(self.layer_idx, q, k, v, scale=c.scale, window=self.window, chunk=self.chunk)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

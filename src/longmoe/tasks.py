@@ -1,0 +1,182 @@
+"""Synthetic long-context tasks, shared by training (mixed into the data) and evaluation (longmoe eval).
+
+- needle in a haystack with the Gemini 1.5 template: "The special magic {city} number is: {number}." /
+  "What is the special magic {city} number?" (arXiv 2403.05530 sec. 5.2.1.2; LWM's eval_needle.py);
+- multi-key (distractor needles for other cities), multi-value (one city, several numbers), multi-query;
+- variable tracking (RULER's "vt": VAR X = 12345, VAR Y = VAR X, ...; name every variable holding the value).
+
+Haystacks are sentences of English text that ships with every Python installation (the pydoc topic help), or any
+text the caller passes. All randomness comes from the `random.Random` handed in, so a task is a pure function of
+its seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+CITIES = (
+    "Tokyo Delhi Shanghai Cairo Mumbai Beijing Dhaka Osaka Karachi Istanbul Kinshasa Lagos Manila Tianjin Lima "
+    "Bangkok Chennai Bogota Jakarta Lahore Hyderabad Nagoya London Tehran Chicago Chengdu Nanjing Wuhan Luanda "
+    "Ahmedabad Toronto Riyadh Singapore Santiago Madrid Pune Houston Dallas Khartoum Barcelona Philadelphia "
+    "Miami Atlanta Yangon Sydney Melbourne Berlin Athens Rome Paris Vienna Warsaw Prague Dublin Oslo Lisbon "
+    "Helsinki Budapest Brussels Stockholm Copenhagen Amsterdam Zurich Montreal Seattle Denver Boston Havana"
+).split()
+NEEDLE = "The special magic {city} number is: {value}."
+QUESTION = "What is the special magic {city} number?"
+ANSWER_PREFIX = "The special magic {city} number is:"
+CountFn = Callable[[str], int]
+
+
+@dataclass
+class Task:
+    """context (haystack with the planted facts), question, the prefix the answer starts with, expected answers.
+    `depth` is where the (first) needle sits, as a fraction of the context."""
+
+    context: str
+    question: str
+    answer_prefix: str
+    answers: list[str]
+    depth: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def prompt(self) -> str:
+        return f"{self.context}\n{self.question} {self.answer_prefix}"
+
+    def score(self, output: str) -> float:
+        """Share of expected answers found in the output (RULER's string_match_all; LWM's exact match)."""
+        return sum(a.lower() in output.lower() for a in self.answers) / len(self.answers)
+
+
+def split_sentences(text: str) -> list[str]:
+    text = re.sub(r"\s+", " ", text)
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text) if len(s.strip()) > 1]
+
+
+@lru_cache(maxsize=1)
+def python_docs_text() -> tuple[str, ...]:
+    """English documentation text shipped with CPython (pydoc_data.topics): ~460K characters, 90 topics."""
+    import pydoc_data.topics
+
+    return tuple(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+@lru_cache(maxsize=4)
+def default_haystack() -> tuple[str, ...]:
+    out: list[str] = []
+    for doc in python_docs_text():
+        out += [s for s in split_sentences(doc) if s[-1] in ".!?" and len(s) <= 300 and "magic" not in s.lower()]
+    return tuple(out)
+
+
+def number(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def fill(sentences: Sequence[str], budget: int, count: CountFn, rng: random.Random) -> list[str]:
+    """Consecutive sentences from a random start (wrapping around, i.e. repeating the haystack), skipping any that
+    would overflow, until the budget (tokens) is nearly used."""
+    out, used, misses = [], 0, 0
+    i = rng.randrange(len(sentences))
+    while misses < 50 and budget - used > 2:
+        s = sentences[i % len(sentences)]
+        i += 1
+        n = count(" " + s)
+        if used + n > budget:
+            misses += 1
+            continue
+        out.append(s)
+        used += n
+    return out
+
+
+def place(sentences: list[str], inserts: list[tuple[float, str]]) -> tuple[str, list[float]]:
+    """Insert texts at depth fractions, each at a sentence boundary (the needle is moved back to the boundary
+    before its depth, as in Kamradt's harness). Returns the text and each insert's actual depth in characters."""
+    parts = list(sentences)
+    slots = sorted(((round(d * len(sentences)), j, text) for j, (d, text) in enumerate(inserts)), reverse=True)
+    for idx, _, text in slots:
+        parts.insert(idx, text)
+    out = " ".join(parts)
+    depths = [out.find(text) / max(len(out), 1) for _, text in inserts]
+    return out, depths
+
+
+def needle_task(
+    rng: random.Random,
+    n_tokens: int,
+    count: CountFn,
+    *,
+    haystack: Sequence[str] | None = None,
+    depth: float | None = None,
+    keys: int = 1,
+    values: int = 1,
+    queries: int = 1,
+    distractors: int = 0,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
+    answer_prefix: str = ANSWER_PREFIX,
+) -> Task:
+    """Plant `keys` cities (each with `values` numbers) plus `distractors` other cities in ~n_tokens of haystack;
+    ask for `queries` of the planted cities. depth: where the first needle goes (fraction), random if None."""
+    cities = rng.sample(CITIES, keys + distractors)
+    facts = {c: [number(rng) for _ in range(values if i < keys else 1)] for i, c in enumerate(cities)}
+    needles = [needle.format(city=c, value=v) for c, vs in facts.items() for v in vs]
+    asked = cities[:queries]
+    q = (
+        question.format(city=asked[0])
+        if queries == 1
+        else "What are the special magic numbers for " + ", ".join(asked) + "?"
+    )
+    prefix = answer_prefix.format(city=asked[0]) if queries == 1 else "The special magic numbers are:"
+    overhead = sum(count(" " + n) for n in needles) + count("\n" + q + " " + prefix) + 8
+    sentences = fill(haystack or default_haystack(), max(n_tokens - overhead, 0), count, rng)
+    first = rng.random() if depth is None else depth
+    depths = [first] + [rng.random() for _ in needles[1:]]
+    context, actual = place(sentences, [(depths[i], needles[i]) for i in range(len(needles))])
+    answers = [v for c in asked for v in facts[c]]
+    meta = {"kind": "niah", "keys": keys, "values": values, "facts": facts}
+    return Task(context, q, prefix, answers, depth=actual[0], meta=meta)
+
+
+def variable_tracking_task(
+    rng: random.Random, n_tokens: int, count: CountFn, *, hops: int = 4, chains: int = 1,
+    haystack: Sequence[str] | None = None,
+) -> Task:  # fmt: skip
+    """RULER vt: chains of assignments 'VAR A = 12345', 'VAR B = VAR A', ... scattered in the haystack; answer
+    every variable of the first chain."""
+    used: set[str] = set()
+
+    def var() -> str:
+        while True:
+            name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+            if name not in used:
+                used.add(name)
+                return name
+
+    lines, first_chain, first_value = [], [], ""
+    for c in range(chains):
+        value = str(rng.randint(10000, 99999))
+        names = [var() for _ in range(hops + 1)]
+        lines += [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
+        if c == 0:
+            first_chain, first_value = names, value
+    q = f"Find all variables that are assigned the value {first_value} in the text above."
+    prefix = f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are" \
+        " assigned the value " + first_value + ", they are:"  # fmt: skip
+    overhead = sum(count(" " + x) for x in lines) + count("\n" + q + " " + prefix) + 8
+    sentences = fill(haystack or default_haystack(), max(n_tokens - overhead, 0), count, rng)
+    depths = sorted(rng.random() for _ in lines)  # chain order preserved through the text
+    context, actual = place(sentences, list(zip(depths, lines)))
+    return Task(context, q, prefix, first_chain, depth=actual[0], meta={"kind": "vt", "hops": hops})
+
+
+TRAIN_TASKS = {
+    "niah": lambda rng, n, count: needle_task(rng, n, count),
+    "multikey": lambda rng, n, count: needle_task(rng, n, count, distractors=3),
+    "multivalue": lambda rng, n, count: needle_task(rng, n, count, values=3),
+    "vt": lambda rng, n, count: variable_tracking_task(rng, n, count, hops=2),
+}

@@ -47,4 +47,4 @@ if __name__ == "__main__":
     loss, grads = step_grads(trainer, route)
     if trainer.dist.main:
         torch.save({"loss": loss, "grads": grads}, out / "result.pt")
-    dist.destroy_process_group()
+    trainer.close()

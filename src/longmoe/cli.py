@@ -83,6 +83,69 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--quiet", action="store_true", help="no progress line")
 
+    e = sub.add_parser(
+        "eval",
+        help="measure long-context ability: niah, ruler, nll (local model or Gemini/OpenAI endpoint)",
+        description="Long-context evaluations of a local model (--model DIR) or an HTTP endpoint (--gemini-url or\n"
+        "--openai-url). Results are saved as they are measured under --out: rerun the same command to resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    esub = e.add_subparsers(dest="eval_command", metavar="EVAL")
+    common = argparse.ArgumentParser(add_help=False)
+    tg = common.add_argument_group("target (one of)")
+    tg.add_argument("--model", metavar="DIR", help="a local model directory, run by longmoe's engine")
+    tg.add_argument("--gemini-url", metavar="URL", help="a server speaking the Gemini API (v1beta)")
+    tg.add_argument("--openai-url", metavar="URL", help="a server speaking the OpenAI chat API")
+    tg.add_argument("--api-key", metavar="K", help="API key for the endpoint")
+    tg.add_argument("--model-name", metavar="M", help="model name at the endpoint")
+    tg.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json sizing contexts for --openai-url targets")
+    tg.add_argument("--concurrency", type=int, default=4, metavar="N", help="parallel requests to an endpoint (4)")
+    tg.add_argument("--retries", type=int, default=5, metavar="N", help="retries of transient errors (5)")
+    common.add_argument(
+        "--lengths",
+        type=_int_list,
+        default=[1000, 2000, 4000],
+        metavar="N,N,...",
+        help="context lengths in the target's tokens (default: 1000,2000,4000)",
+    )
+    common.add_argument("--samples", type=int, default=1, metavar="N", help="tasks per grid cell (default: 1)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", required=True, metavar="DIR", help="results directory (results.json, plots)")
+    common.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress line")
+
+    n = esub.add_parser("niah", parents=[common], help="needle in a haystack: recall by length x depth + heatmap",
+                        description="Plant a needle at each depth of haystacks of each length; recall = share of "
+                        "planted numbers found in the answers. Writes results.json and heatmap.png.")  # fmt: skip
+    n.add_argument(
+        "--depths",
+        type=_float_list,
+        default=[0, 25, 50, 75, 100],
+        metavar="D,D,...",
+        help="needle depths in percent of the context (default: 0,25,50,75,100)",
+    )
+    n.add_argument("--needles", type=int, default=1, metavar="K", help="plant K needles and ask for all of them")
+    n.add_argument("--haystack", metavar="PATH", help="a text file, or a directory of source code (a code haystack);"
+                   " default: the English documentation that ships with Python")  # fmt: skip
+    n.add_argument("--needle", default="The special magic {city} number is: {value}.", help="needle template")
+    n.add_argument("--question", default="What is the special magic {city} number?", help="question template")
+    n.add_argument("--answer-prefix", default="The special magic {city} number is:", help="answer prefix template")
+    n.add_argument("--max-tokens", type=int, default=32, metavar="N", help="answer length limit (32)")
+
+    r = esub.add_parser("ruler", parents=[common], help="RULER tasks (no downloads) and the effective length",
+                        description="RULER's synthetic tasks that need no downloads, scored by string_match_all; "
+                        "prints the average per length and the effective context length.")  # fmt: skip
+    r.add_argument("--tasks", type=lambda s: s.split(","), metavar="T,T,...", help="subset of the tasks (default: all)")
+    r.add_argument("--threshold", type=float, default=85.6, help="effective-length threshold (default: 85.6)")
+
+    ll = esub.add_parser("nll", parents=[common], help="negative log-likelihood by token position + power-law fit",
+                         description="Cumulative average NLL by position over long documents, the fit "
+                         "L(x) = a x^b + c with R^2, and nll.png. Local models only.")  # fmt: skip
+    ll.add_argument("--documents", nargs="*", default=[], metavar="FILE", help="long text documents")
+    ll.add_argument("--code-dir", metavar="DIR", help="a source tree: its files concatenated in shuffled order")
+    ll.add_argument("--max-context", type=int, default=32768, metavar="N", help="tokens scored per document")
+    ll.add_argument("--fit-from", type=int, default=16, metavar="X", help="fit positions x >= X (default: 16)")
+
     i = sub.add_parser(
         "info",
         help="describe a model: parameters, experts, KV bytes per token, context",
@@ -168,6 +231,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1000,8000") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be positive")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0,50,100") from None
+    if not values or min(values) < 0 or max(values) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: depths are percentages in [0, 100]")
+    return values
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import niah, nll, ruler
+    from .eval.targets import GeminiTarget, LocalTarget, OpenAITarget
+
+    if args.eval_command is None:
+        raise ValueError("choose an evaluation: longmoe eval niah|ruler|nll --help")
+    chosen = [x for x in (args.model, args.gemini_url, args.openai_url) if x]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one target: --model DIR, --gemini-url URL or --openai-url URL")
+    if args.gemini_url or args.openai_url:
+        if not args.model_name:
+            raise ValueError("--model-name is required with an endpoint (e.g. --model-name gemini-1.5-pro)")
+        kw = {"concurrency": args.concurrency, "retries": args.retries}
+        if args.gemini_url:
+            target = GeminiTarget(args.gemini_url, args.api_key, args.model_name, **kw)
+        else:
+            target = OpenAITarget(args.openai_url, args.api_key, args.model_name, args.tokenizer, **kw)
+    else:
+        target = LocalTarget(args.model)
+    module = {"niah": niah, "ruler": ruler, "nll": nll}[args.eval_command]
+    try:
+        summary = module.main(target, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: results so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    text = module.table(summary)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(summary))
+    else:
+        print(text)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import longmoe
 
@@ -191,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .engine.planner import MemoryPlanError
+    from .eval.targets import TargetError
     from .model import ConfigError
 
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "train": cmd_train}[args.command](args)
-    except (CheckpointError, ConfigError, MemoryPlanError, ValueError, OSError, FileNotFoundError) as e:
+        commands = {"generate": cmd_generate, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}
+        return commands[args.command](args)
+    except (CheckpointError, ConfigError, MemoryPlanError, TargetError, ValueError, OSError) as e:
         print(f"longmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

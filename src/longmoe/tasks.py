@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 CITIES = (
@@ -105,13 +105,14 @@ def place(sentences: list[str], inserts: list[tuple[float, str]]) -> tuple[str, 
     return out, depths
 
 
-def needle_task(
+def window(sentences: Sequence[str], start: int, n: int) -> list[str]:
+    """n consecutive sentences from `start`, wrapping around (the haystack repeats, as Kamradt's and Gemini's do)."""
+    return [sentences[(start + i) % len(sentences)] for i in range(n)]
+
+
+def _draw_needles(
     rng: random.Random,
-    n_tokens: int,
-    count: CountFn,
     *,
-    haystack: Sequence[str] | None = None,
-    depth: float | None = None,
     keys: int = 1,
     values: int = 1,
     queries: int = 1,
@@ -119,35 +120,53 @@ def needle_task(
     needle: str = NEEDLE,
     question: str = QUESTION,
     answer_prefix: str = ANSWER_PREFIX,
-) -> Task:
-    """Plant `keys` cities (each with `values` numbers) plus `distractors` other cities in ~n_tokens of haystack;
-    ask for `queries` of the planted cities. depth: where the first needle goes (fraction), random if None."""
+) -> tuple[list[str], Task]:
+    """The needle sentences and a Task without its context yet."""
     cities = rng.sample(CITIES, keys + distractors)
     facts = {c: [number(rng) for _ in range(values if i < keys else 1)] for i, c in enumerate(cities)}
     needles = [needle.format(city=c, value=v) for c, vs in facts.items() for v in vs]
     asked = cities[:queries]
-    q = (
-        question.format(city=asked[0])
-        if queries == 1
-        else "What are the special magic numbers for " + ", ".join(asked) + "?"
-    )
-    prefix = answer_prefix.format(city=asked[0]) if queries == 1 else "The special magic numbers are:"
-    overhead = sum(count(" " + n) for n in needles) + count("\n" + q + " " + prefix) + 8
-    sentences = fill(haystack or default_haystack(), max(n_tokens - overhead, 0), count, rng)
+    if queries == 1:
+        q, prefix = question.format(city=asked[0]), answer_prefix.format(city=asked[0])
+    else:
+        q = "What are the special magic numbers for " + ", ".join(asked) + "?"
+        prefix = "The special magic numbers are:"
+    answers = [v for c in asked for v in facts[c]]
+    return needles, Task("", q, prefix, answers, meta={"kind": "niah", "keys": keys, "values": values, "facts": facts})
+
+
+def _plant(rng: random.Random, sentences: list[str], needles: list[str], task: Task, depth: float | None) -> Task:
     first = rng.random() if depth is None else depth
     depths = [first] + [rng.random() for _ in needles[1:]]
-    context, actual = place(sentences, [(depths[i], needles[i]) for i in range(len(needles))])
-    answers = [v for c in asked for v in facts[c]]
-    meta = {"kind": "niah", "keys": keys, "values": values, "facts": facts}
-    return Task(context, q, prefix, answers, depth=actual[0], meta=meta)
+    context, actual = place(sentences, list(zip(depths, needles)))
+    return replace(task, context=context, depth=actual[0])
 
 
-def variable_tracking_task(
-    rng: random.Random, n_tokens: int, count: CountFn, *, hops: int = 4, chains: int = 1,
-    haystack: Sequence[str] | None = None,
-) -> Task:  # fmt: skip
-    """RULER vt: chains of assignments 'VAR A = 12345', 'VAR B = VAR A', ... scattered in the haystack; answer
-    every variable of the first chain."""
+def needle_task_from(rng: random.Random, sentences: list[str], *, depth: float | None = None, **kw) -> Task:
+    """Plant `keys` cities (each with `values` numbers) plus `distractors` other cities in the given haystack
+    sentences; ask for `queries` of the planted cities (keyword arguments of `_draw_needles`). depth: where the
+    first needle goes (fraction of the haystack), random if None; further needles go to random depths."""
+    needles, task = _draw_needles(rng, **kw)
+    return _plant(rng, sentences, needles, task, depth)
+
+
+def needle_task(rng: random.Random, n_tokens: int, count: CountFn, *, haystack: Sequence[str] | None = None,
+                depth: float | None = None, **kw) -> Task:  # fmt: skip
+    """needle_task_from with about n_tokens of haystack (training-time sizing by per-sentence counts)."""
+    needles, task = _draw_needles(rng, **kw)
+    sentences = _fill_around(rng, n_tokens, count, haystack, needles, task)
+    return _plant(rng, sentences, needles, task, depth)
+
+
+def _fill_around(rng: random.Random, n_tokens: int, count: CountFn, haystack: Sequence[str] | None,
+                 inserts: list[str], task: Task) -> list[str]:  # fmt: skip
+    """Haystack sentences that, with the inserted lines and the question, make about n_tokens."""
+    overhead = sum(count(" " + x) for x in inserts) + count("\n" + task.question + " " + task.answer_prefix) + 8
+    return fill(haystack or default_haystack(), max(n_tokens - overhead, 0), count, rng)
+
+
+def _draw_chains(rng: random.Random, hops: int, chains: int) -> tuple[list[str], Task]:
+    """The assignment lines of `chains` chains and a Task (without context) asking for the first chain."""
     used: set[str] = set()
 
     def var() -> str:
@@ -167,11 +186,27 @@ def variable_tracking_task(
     q = f"Find all variables that are assigned the value {first_value} in the text above."
     prefix = f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are" \
         " assigned the value " + first_value + ", they are:"  # fmt: skip
-    overhead = sum(count(" " + x) for x in lines) + count("\n" + q + " " + prefix) + 8
-    sentences = fill(haystack or default_haystack(), max(n_tokens - overhead, 0), count, rng)
+    return lines, Task("", q, prefix, first_chain, meta={"kind": "vt", "hops": hops})
+
+
+def _place_chains(rng: random.Random, sentences: list[str], lines: list[str], task: Task) -> Task:
     depths = sorted(rng.random() for _ in lines)  # chain order preserved through the text
     context, actual = place(sentences, list(zip(depths, lines)))
-    return Task(context, q, prefix, first_chain, depth=actual[0], meta={"kind": "vt", "hops": hops})
+    return replace(task, context=context, depth=actual[0])
+
+
+def variable_tracking_task_from(rng: random.Random, sentences: list[str], *, hops: int = 4, chains: int = 1) -> Task:
+    """RULER vt: chains of assignments 'VAR A = 12345', 'VAR B = VAR A', ... scattered in order through the
+    haystack sentences; answer every variable of the first chain."""
+    return _place_chains(rng, sentences, *_draw_chains(rng, hops, chains))
+
+
+def variable_tracking_task(rng: random.Random, n_tokens: int, count: CountFn, *, hops: int = 4, chains: int = 1,
+                           haystack: Sequence[str] | None = None) -> Task:  # fmt: skip
+    """variable_tracking_task_from with about n_tokens of haystack."""
+    lines, task = _draw_chains(rng, hops, chains)
+    sentences = _fill_around(rng, n_tokens, count, haystack, lines, task)
+    return _place_chains(rng, sentences, lines, task)
 
 
 TRAIN_TASKS = {

@@ -10,7 +10,7 @@ from reference_models import FAMILIES, VOCAB
 
 import longmoe
 from longmoe.checkpoint import CheckpointError, native, save
-from longmoe.checkpoint.safetensors_io import DTYPE_NAMES, SafetensorsFile, checkpoint_files
+from longmoe.checkpoint.safetensors_io import DTYPE_NAMES, SafetensorsFile, checkpoint_files, save_safetensors
 from longmoe.model import ModelConfig, Transformer
 
 
@@ -223,3 +223,22 @@ def test_checkpoint_larger_than_memory_fails_with_numbers(tmp_path):
     assert nbytes > 100 * 2**30  # ~40B parameters in fp32
     with pytest.raises(CheckpointError, match=r"needs [\d,.]+ GiB of memory as float32, but only [\d,.]+ GiB"):
         longmoe.load(tmp_path)
+
+
+def test_released_pages_stop_counting_and_still_read_back(tmp_path):
+    """Per-expert tensors are copied into fused ones at load; their mapped pages are then dropped (RSS counts a
+    model once, not twice) and reading the tensor again re-faults it from the file unchanged."""
+
+    def rss_file() -> int:
+        return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("RssFile:")) * 1024
+
+    t = torch.randn(4096, 1024)  # 16 MiB
+    save_safetensors({"a": t, "b": torch.ones(3)}, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    before = rss_file()
+    assert torch.equal(f.tensors["a"].load().clone(), t)
+    touched = rss_file()
+    assert touched - before > 12 * 2**20
+    f.tensors["a"].release()
+    assert touched - rss_file() > 12 * 2**20
+    assert torch.equal(f.tensors["a"].load(), t) and torch.equal(f.tensors["b"].load(), torch.ones(3))

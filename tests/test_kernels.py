@@ -81,3 +81,54 @@ def test_scores_and_weighted_sum():
     with torch.inference_mode():
         torch.testing.assert_close(kernels.scores(q, k), q.float() @ k.float().T, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(kernels.weighted_sum(p, k), p @ k.float(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("weight_on_input", [False, True])
+def test_fused_moe_decode_equals_the_per_expert_path(monkeypatch, tokens, weight_on_input):
+    """kernels.moe_decode rounds where MoE._few_tokens rounds: equal to it (all but a rare last-bit difference
+    from exp() inside silu), and within bf16 rounding of the grouped-GEMM dispatch."""
+    from longmoe.model import ModelConfig
+    from longmoe.model.moe import MoE
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=128, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=96,
+        num_experts=8, num_experts_per_tok=1 if weight_on_input else 2, moe_intermediate_size=96,
+        weight_on_input=weight_on_input,
+    )  # fmt: skip
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    moe = moe.to(torch.bfloat16).eval()
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        _, w, e = moe.router(x)
+        fused = moe._few_tokens(x, w, e)
+        monkeypatch.setattr(kernels, "moe_decode", lambda *a: None)
+        per_expert = moe._few_tokens(x, w, e)
+        grouped = moe._dispatch(x, w, e)
+    differ = (fused != per_expert).sum().item()
+    assert differ <= max(1, fused.numel() // 500), f"{differ} of {fused.numel()} values differ"
+    torch.testing.assert_close(fused, per_expert, atol=0, rtol=1e-2)  # any difference is one bf16 step
+    torch.testing.assert_close(fused.float(), grouped.float(), atol=2e-2 * grouped.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_equals_the_pytorch_form(monkeypatch, weighted):
+    from longmoe.model.transformer import RMSNorm
+
+    torch.manual_seed(4)
+    norm = RMSNorm(512, 1e-6, weight=weighted).to(torch.bfloat16)
+    if weighted:
+        torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+    x = torch.randn(2, 3, 512, dtype=torch.bfloat16) * 3
+    with torch.inference_mode():
+        fused = norm(x)
+        monkeypatch.setattr(kernels, "rms_norm", lambda *a: None)
+        ref = norm(x)
+    assert fused.shape == ref.shape and fused.dtype == torch.bfloat16
+    # the same rounding points; only the fp32 sum of squares may differ in its last bit
+    assert (fused != ref).float().mean() < 0.01
+    torch.testing.assert_close(fused, ref, atol=0, rtol=1e-2)

@@ -432,6 +432,9 @@ def load(path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool
             tensor = tensor.float()  # balancing biases stay fp32, as DeepSeek keeps them
         elif tensor.dtype != target:
             tensor = tensor.to(target)
+        if source.kind == "experts" or tensor.dtype != source.dtype:  # a copy: the mapped pages are not needed
+            for _, _, ref in items:
+                ref.release()
         state[ours] = tensor
         sources[ours] = source
     if config.tie_word_embeddings:

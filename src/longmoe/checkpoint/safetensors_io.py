@@ -50,6 +50,18 @@ class TensorRef:
     def load(self) -> torch.Tensor:
         return self.file.tensor(self)
 
+    def release(self) -> None:
+        """Drop this tensor's mapped pages once a converted copy has been made, so the file's pages stop counting
+        in the process's memory. Only whole pages inside the tensor: neighbours may still be in use as views."""
+        m = self.file._mmap
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = -(-(self.file.data_start + self.start) // page) * page
+        hi = (self.file.data_start + self.end) // page * page
+        if hi > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 class SafetensorsFile:
     def __init__(self, path: str | Path):

@@ -14,7 +14,7 @@ def sample(
 ) -> int:
     """logits [V] -> token id. temperature 0 is greedy (argmax, first index on ties)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return int(logits.float().argmax())  # bf16 argmax is ~4x slower on CPU than converting first
     scores = logits.float() / temperature
     if top_k is not None and 0 < top_k < scores.numel():
         kth = torch.topk(scores, top_k).values[-1]

@@ -54,7 +54,12 @@ def _load() -> ctypes.CDLL | bool:
             os.replace(tmp, so)
         lib = ctypes.CDLL(str(so))  # links libgomp.so.1: the OpenMP runtime torch has already loaded
         lib.gemv_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
-                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long]  # fmt: skip
+                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]  # fmt: skip
+        lib.rmsnorm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                     ctypes.c_void_p]  # fmt: skip
+        lib.moe_decode_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
         lib.pv_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
                                 ctypes.c_long, ctypes.c_int, ctypes.c_void_p]  # fmt: skip
         lib.decode_attn_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
@@ -82,11 +87,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, K).contiguous()
     N = weight.shape[0]
+    if bias is None:  # rounded to bf16 inside the kernel
+        out = torch.empty(rows, N, dtype=torch.bfloat16)
+        _lib.gemv_bf16(x2.data_ptr(), rows, K, weight.data_ptr(), weight.stride(0), N, out.data_ptr(), N, 1)
+        return out.view(*x.shape[:-1], N)
     out = torch.empty(rows, N)
-    _lib.gemv_bf16(x2.data_ptr(), rows, K, weight.data_ptr(), weight.stride(0), N, out.data_ptr(), N)
-    if bias is not None:
-        out += bias
-    return out.to(x.dtype).view(*x.shape[:-1], N)
+    _lib.gemv_bf16(x2.data_ptr(), rows, K, weight.data_ptr(), weight.stride(0), N, out.data_ptr(), N, 0)
+    return (out + bias).to(x.dtype).view(*x.shape[:-1], N)
 
 
 def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     S = k.shape[0]
     q = q.contiguous()
     out = torch.empty(M, S)
-    _lib.gemv_bf16(q.data_ptr(), M, D, k.data_ptr(), k.stride(0), S, out.data_ptr(), S)
+    _lib.gemv_bf16(q.data_ptr(), M, D, k.data_ptr(), k.stride(0), S, out.data_ptr(), S, 0)
     return out
 
 
@@ -126,3 +133,50 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     _lib.decode_attn_bf16(q.data_ptr(), R, D, D, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), Dv, valid,
                           scale, out.data_ptr(), lse.data_ptr())  # fmt: skip
     return out, lse
+
+
+def moe_decode(
+    x_NH: torch.Tensor,
+    weights_NK: torch.Tensor,
+    experts_NK: torch.Tensor,
+    gate_up_EIH: torch.Tensor,
+    down_EHI: torch.Tensor,
+    weight_on_input: bool,
+) -> torch.Tensor | None:
+    """The routed experts of a few bf16 tokens in one call: MoE._few_tokens's arithmetic and rounding, without
+    its per-expert PyTorch ops. -> out [N, H] bf16, or None when the kernel can't."""
+    N, H = x_NH.shape
+    I = down_EHI.shape[-1]  # noqa: E741
+    if (
+        N > MAX_ROWS
+        or H % 32
+        or I % 32
+        or not (gate_up_EIH.is_contiguous() and down_EHI.is_contiguous())
+        or not _usable(x_NH, gate_up_EIH, down_EHI)
+    ):
+        return None
+    # (expert, token, weight) pairs sorted by expert, then token: the order _few_tokens adds them in
+    pairs = sorted(
+        (e, t, w) for t, (es, ws) in enumerate(zip(experts_NK.tolist(), weights_NK.tolist())) for e, w in zip(es, ws)
+    )
+    P = len(pairs)
+    ex = (ctypes.c_int * P)(*(p[0] for p in pairs))
+    tok = (ctypes.c_int * P)(*(p[1] for p in pairs))
+    w = (ctypes.c_float * P)(*(p[2] for p in pairs))  # fp32 weights round-trip exactly through Python floats
+    x = x_NH.contiguous()
+    out = torch.zeros_like(x)
+    _lib.moe_decode_bf16(x.data_ptr(), H, I, P, tok, ex, w, int(weight_on_input), gate_up_EIH.data_ptr(),
+                         down_EHI.data_ptr(), out.data_ptr())  # fmt: skip
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """RMSNorm of a few bf16 rows in one call (the PyTorch form costs eight ops); None when the kernel can't."""
+    C = x.shape[-1]
+    rows = x.numel() // max(C, 1)
+    if rows > MAX_ROWS or not (_usable(x) if weight is None else _usable(x, weight)):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.rmsnorm_bf16(x.data_ptr(), rows, C, 0 if weight is None else weight.data_ptr(), eps, out.data_ptr())
+    return out

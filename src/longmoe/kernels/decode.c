@@ -42,25 +42,112 @@ static void accumulate_pv(const float* p, long ldp, int p0, int R, int s0, int s
     }
 }
 
+// Round to the nearest bf16, ties to even: what PyTorch's float -> bfloat16 conversion does.
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int K) {  // K % 32 == 0
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + k), (__m512bh)_mm512_loadu_si512(b + k));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + k + 32),
+                                (__m512bh)_mm512_loadu_si512(b + k + 32));
+    }
+    for (; k < K; k += 32)
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + k), (__m512bh)_mm512_loadu_si512(b + k));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 // out[m * ldo + n] = sum_k x[m * K + k] * w[n * ldw + k]  for m < M, n < N.  K % 32 == 0.
-void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int N, float* out, long ldo) {
+// out is fp32, or bf16 (rounded once, from the fp32 sum) when out_bf16 is set.
+void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int N, void* out, long ldo,
+               int out_bf16) {
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint16_t* wr = w + (long)n * ldw;
         for (int m = 0; m < M; m++) {
-            const uint16_t* xr = x + (long)m * K;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            int k = 0;
-            for (; k + 64 <= K; k += 64) {
-                acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xr + k));
-                acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + k + 32),
-                                        (__m512bh)_mm512_loadu_si512(xr + k + 32));
-            }
-            for (; k < K; k += 32)
-                acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xr + k));
-            out[(long)m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+            float y = dot_bf16(wr, x + (long)m * K, K);
+            if (out_bf16)
+                ((uint16_t*)out)[(long)m * ldo + n] = to_bf16(y);
+            else
+                ((float*)out)[(long)m * ldo + n] = y;
         }
     }
+}
+
+// RMSNorm of bf16 rows x [M, C] -> out [M, C]: bf16(x * rsqrt(mean(x^2) + eps)), then times the bf16 weight
+// (rounded again) when there is one; the rounding points of longmoe.model.transformer.RMSNorm.
+void rmsnorm_bf16(const uint16_t* x, int M, int C, const uint16_t* weight, float eps, uint16_t* out) {
+    for (int m = 0; m < M; m++) {
+        const uint16_t* xr = x + (long)m * C;
+        float ss = 0.0f;
+        for (int c = 0; c < C; c++) ss += from_bf16(xr[c]) * from_bf16(xr[c]);
+        float r = 1.0f / sqrtf(ss / C + eps);
+        for (int c = 0; c < C; c++) {
+            uint16_t y = to_bf16(from_bf16(xr[c]) * r);
+            out[(long)m * C + c] = weight ? to_bf16(from_bf16(weight[c]) * from_bf16(y)) : y;
+        }
+    }
+}
+
+// The routed experts of a few tokens (decode), in one call. Pair p sends token tok[p] to expert ex[p] with
+// weight w[p]; pairs are sorted by expert, then token. x [N, H], gate_up [E, 2I, H] (gate rows first),
+// down [E, H, I], out [N, H]: all bf16, out zeroed by the caller. Every intermediate is rounded to bf16 where
+// MoE._few_tokens rounds it (after each projection and each elementwise op), and expert outputs are added to
+// out in pair order, so the result equals that PyTorch path up to the last bit of exp() inside silu.
+void moe_decode_bf16(const uint16_t* x, int H, int I, int P, const int* tok, const int* ex, const float* w,
+                     int weight_on_input, const uint16_t* gate_up, const uint16_t* down, uint16_t* out) {
+    uint16_t* xin = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)P * H);      // [P, H] expert inputs
+    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)P * 2 * I);    // [P, 2I] gate | up
+    uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)P * I);      // [P, I] silu(gate) * up
+    uint16_t* y = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)P * H);        // [P, H] expert outputs
+    for (int p = 0; p < P; p++)
+        for (int c = 0; c < H; c++) {
+            uint16_t v = x[(long)tok[p] * H + c];
+            xin[(long)p * H + c] = weight_on_input ? to_bf16(from_bf16(v) * w[p]) : v;
+        }
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (long j = 0; j < (long)P * 2 * I; j++) {
+            int p = (int)(j / (2 * I)), n = (int)(j % (2 * I));
+            h[j] = to_bf16(dot_bf16(gate_up + ((long)ex[p] * 2 * I + n) * H, xin + (long)p * H, H));
+        }
+        #pragma omp for schedule(static)
+        for (long j = 0; j < (long)P * I; j++) {
+            int p = (int)(j / I), i = (int)(j % I);
+            float g = from_bf16(h[(long)p * 2 * I + i]);
+            float s = from_bf16(to_bf16(g / (1.0f + expf(-g))));
+            act[j] = to_bf16(s * from_bf16(h[(long)p * 2 * I + I + i]));
+        }
+        #pragma omp for schedule(static)
+        for (long j = 0; j < (long)P * H; j++) {
+            int p = (int)(j / H), n = (int)(j % H);
+            uint16_t v = to_bf16(dot_bf16(down + ((long)ex[p] * H + n) * I, act + (long)p * I, I));
+            y[j] = weight_on_input ? v : to_bf16(from_bf16(v) * w[p]);
+        }
+    }
+    for (int p = 0; p < P; p++)
+        for (int c = 0; c < H; c++) {
+            uint16_t* o = out + (long)tok[p] * H + c;
+            *o = to_bf16(from_bf16(*o) + from_bf16(y[(long)p * H + c]));
+        }
+    free(xin);
+    free(h);
+    free(act);
+    free(y);
 }
 
 // out[m * D + d] = sum_s p[m * ldp + s] * v[s * ldv + d]  for m < M, d < D.  D % 64 == 0.

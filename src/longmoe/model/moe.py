@@ -172,12 +172,15 @@ class MoE(nn.Module):
     def _few_tokens(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Decode: a handful of (token, expert) pairs. Same arithmetic and summation order as `_dispatch` (experts in
         increasing id), without the sort/histogram/gather machinery whose fixed cost dominates at this size."""
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        fused = kernels.moe_decode(x_NH, weights_NK, experts_NK, gate_up, down, self.config.weight_on_input)
+        if fused is not None:
+            return fused
         pairs: dict[int, list[tuple[int, int]]] = {}
         for t, row in enumerate(experts_NK.tolist()):  # NOTE: host sync; fine at decode sizes on CPU
             for j, e in enumerate(row):
                 pairs.setdefault(e, []).append((t, j))
         out_NH = torch.zeros_like(x_NH)
-        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         for e in sorted(pairs):
             ts, js = zip(*pairs[e])
             w = weights_NK[ts, js][:, None]  # [n, 1] fp32

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .. import kernels
 from .attention import Segment, attend, segments_from_positions
 from .config import ModelConfig
 from .moe import MLP, Linear, MoE
@@ -34,6 +35,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = kernels.rms_norm(x, self.weight, self.eps)  # decode: a few bf16 rows
+        if fused is not None:
+            return fused
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y if self.weight is None else self.weight * y

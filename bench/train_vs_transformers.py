@@ -1,8 +1,9 @@
 """Training throughput: longmoe vs transformers' MixtralForCausalLM on the same config, same weights, same batches,
-measured in the same run. One step = forward + backward + AdamW step (fp32, eager attention paths as each library
-picks by default: longmoe's fused CPU flash kernel, transformers' SDPA; experts through grouped_mm in both).
+measured in the same run. One step = forward + backward + AdamW step (fp32 weights; compute in fp32, or in bf16
+under autocast with --dtype bfloat16; attention as each library picks by default: longmoe's fused CPU flash kernel,
+transformers' SDPA; experts through grouped_mm in both).
 
-    .venv/bin/python bench/train_vs_transformers.py [--steps 10] [--seq-len 1024] [--batch 4] [--json FILE]
+    .venv/bin/python bench/train_vs_transformers.py [--steps 10] [--seq-len 1024] [--batch 4] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def step_hf(model, opt, ids, targets):
     return out.loss.item()
 
 
-def peak_flops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def peak_flops(dtype: torch.dtype) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(3):
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (autocast)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     tmp = Path(__file__).parent / ".cache" / "train-mixtral"
@@ -84,7 +86,8 @@ def main() -> None:
     H, L, E, K, I = c["hidden_size"], c["num_hidden_layers"], 8, 2, c["intermediate_size"]
     active = L * (2 * H * H + 2 * H * 128 + E * H + K * 3 * H * I) + c["vocab_size"] * H
     flops_per_token = 6 * active + 6 * L * args.seq_len * H
-    peak = peak_flops()
+    dtype = getattr(torch, args.dtype)
+    peak = peak_flops(dtype)
     g = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, c["vocab_size"], (args.batch, args.seq_len + 1), generator=g) for _ in range(args.steps + 2)
@@ -95,10 +98,8 @@ def main() -> None:
         times, losses = [], []
         for i, b in enumerate(batches):
             t0 = time.perf_counter()
-            if name == "longmoe":
-                losses.append(step(model, opt, b[:, :-1], b[:, 1:]))
-            else:
-                losses.append(step(model, opt, b[:, :-1], None))
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                losses.append(step(model, opt, b[:, :-1], b[:, 1:] if name == "longmoe" else None))
             if i >= 2:  # the first two steps warm up kernels and allocate optimizer state
                 times.append(time.perf_counter() - t0)
         tokens = args.batch * args.seq_len
@@ -107,7 +108,8 @@ def main() -> None:
         print(f"{name:13} {tps:8.0f} tok/s  MFU {100 * result[name]['mfu']:5.1f}%  (loss at step 1 {losses[0]:.4f})",
               flush=True)  # fmt: skip
     ratio = result["longmoe"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
-    print(f"ratio x{ratio:.2f}  (fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {flops_per_token / 1e6:.0f} MFLOP/token)")
+    print(f"ratio x{ratio:.2f}  ({args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s; "
+          f"{flops_per_token / 1e6:.0f} MFLOP/token)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, **result}, indent=2))
 

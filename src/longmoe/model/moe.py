@@ -171,7 +171,8 @@ class MoE(nn.Module):
 
     def _few_tokens(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Decode: a handful of (token, expert) pairs. Same arithmetic and summation order as `_dispatch` (experts in
-        increasing id), without the sort/histogram/gather machinery whose fixed cost dominates at this size."""
+        increasing id), without the sort/histogram/gather machinery whose fixed cost dominates at this size. bf16 on
+        CPU runs it as one kernel call with the same rounding points; the loop below is the reference for it."""
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         fused = kernels.moe_decode(x_NH, weights_NK, experts_NK, gate_up, down, self.config.weight_on_input)
         if fused is not None:

@@ -132,3 +132,18 @@ def test_rms_norm_equals_the_pytorch_form(monkeypatch, weighted):
     # the same rounding points; only the fp32 sum of squares may differ in its last bit
     assert (fused != ref).float().mean() < 0.01
     torch.testing.assert_close(fused, ref, atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_equals_the_pytorch_form(monkeypatch, interleaved):
+    from longmoe.model.rope import apply_rope
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 4, 64, dtype=torch.bfloat16)
+    angles = torch.rand(2, 3, 32) * 100
+    cos, sin = angles.cos() * 1.1, angles.sin() * 1.1
+    with torch.inference_mode():
+        fused = apply_rope(x, cos, sin, interleaved)
+        monkeypatch.setattr(kernels, "rope", lambda *a: None)
+        ref = apply_rope(x, cos, sin, interleaved)
+    assert torch.equal(fused, ref)  # same fp32 operations in the same order, one rounding

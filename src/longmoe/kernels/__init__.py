@@ -40,14 +40,15 @@ def _load() -> ctypes.CDLL | bool:
     if not _cpu_has_avx512_bf16():
         return _lib
     source = SOURCE.read_bytes()
+    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
+             "-fPIC"]  # fmt: skip
     cache = Path(os.environ.get("LONGMOE_CACHE", Path.home() / ".cache" / "longmoe"))
-    so = cache / f"decode-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    so = cache / f"decode-{hashlib.sha256(source + ' '.join(flags).encode()).hexdigest()[:16]}.so"
     try:
         if not so.exists():
             cache.mkdir(parents=True, exist_ok=True)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")
-            flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
             subprocess.run(
                 [cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120
             )
@@ -57,6 +58,8 @@ def _load() -> ctypes.CDLL | bool:
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]  # fmt: skip
         lib.rmsnorm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
                                      ctypes.c_void_p]  # fmt: skip
+        lib.rope_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]  # fmt: skip
         lib.moe_decode_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
@@ -179,4 +182,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     x = x.contiguous()
     out = torch.empty_like(x)
     _lib.rmsnorm_bf16(x.data_ptr(), rows, C, 0 if weight is None else weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor | None:
+    """apply_rope for a few bf16 tokens in one call (x [B, T, H, D], cos/sin [B, T, 1, D/2] fp32); None when the
+    kernel can't."""
+    B, T, H, D = x.shape
+    if (
+        B * T > MAX_ROWS
+        or D % 2
+        or cos.dtype != torch.float32
+        or cos.shape != (B, T, 1, D // 2)
+        or sin.shape != cos.shape
+        or not _usable(x)
+    ):
+        return None
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    _lib.rope_bf16(x.data_ptr(), B * T, H, D, cos.data_ptr(), sin.data_ptr(), int(interleaved), out.data_ptr())
     return out

@@ -102,6 +102,27 @@ void rmsnorm_bf16(const uint16_t* x, int M, int C, const uint16_t* weight, float
     }
 }
 
+// RoPE of bf16 x [BT, H, D] (contiguous) by fp32 cos/sin [BT, D/2] -> out, computed in fp32 and rounded once, with
+// the operation order of longmoe.model.rope.apply_rope (built with -ffp-contract=off: no fused multiply-adds).
+// Pairs are (i, i + D/2), or (2i, 2i + 1) when interleaved.
+void rope_bf16(const uint16_t* x, int BT, int H, int D, const float* cos, const float* sin, int interleaved,
+               uint16_t* out) {
+    int half = D / 2;
+    for (int t = 0; t < BT; t++)
+        for (int h = 0; h < H; h++) {
+            const uint16_t* xr = x + ((long)t * H + h) * D;
+            uint16_t* o = out + ((long)t * H + h) * D;
+            for (int i = 0; i < half; i++) {
+                int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+                float c = cos[(long)t * half + i], s = sin[(long)t * half + i];
+                float x1 = from_bf16(xr[a]), x2 = from_bf16(xr[b]);
+                float x1c = x1 * c, x2s = x2 * s, x2c = x2 * c, x1s = x1 * s;
+                o[a] = to_bf16(x1c - x2s);
+                o[b] = to_bf16(x2c + x1s);
+            }
+        }
+}
+
 // The routed experts of a few tokens (decode), in one call. Pair p sends token tok[p] to expert ex[p] with
 // weight w[p]; pairs are sorted by expert, then token. x [N, H], gate_up [E, 2I, H] (gate rows first),
 // down [E, H, I], out [N, H]: all bf16, out zeroed by the caller. Every intermediate is rounded to bf16 where

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .. import kernels
 from .config import ModelConfig
 
 
@@ -116,6 +117,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     dims 2i and 2i+1 form a pair; the result is written back in the same interleaved order.
     """
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D/2]
+    fused = kernels.rope(x, cos, sin, interleaved)  # decode: a few bf16 tokens
+    if fused is not None:
+        return fused
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]

@@ -193,6 +193,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         B * T > MAX_ROWS
         or D % 2
         or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
         or cos.shape != (B, T, 1, D // 2)
         or sin.shape != cos.shape
         or not _usable(x)

@@ -147,3 +147,27 @@ def test_rope_equals_the_pytorch_form(monkeypatch, interleaved):
         monkeypatch.setattr(kernels, "rope", lambda *a: None)
         ref = apply_rope(x, cos, sin, interleaved)
     assert torch.equal(fused, ref)  # same fp32 operations in the same order, one rounding
+
+
+@pytest.mark.parametrize("V", [32000, 1000, 37])
+def test_cross_entropy_rows_equals_log_softmax(V):
+    """Loss per row within fp32 rounding of log_softmax on the same bf16 logits; the in-place gradient equal to
+    softmax - one-hot rounded to bf16 (up to the last bit where the exp polynomial differs)."""
+    torch.manual_seed(5)
+    logits = (torch.randn(70, V) * 3).to(torch.bfloat16)
+    logits[3, 5] = 60.0  # one confident row
+    targets = torch.randint(0, V, (70,))
+    targets[3] = 5
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(70)
+    grad_ref = logp.exp()
+    grad_ref[rows, targets] -= 1.0
+    with torch.no_grad():
+        assert kernels.cross_entropy_rows(logits.float(), targets, True) is None  # fp32: not its domain
+        g = logits.clone()
+        loss = kernels.cross_entropy_rows(g, targets, True)
+        loss_only = kernels.cross_entropy_rows(logits.clone(), targets, False)
+    torch.testing.assert_close(loss, -logp[rows, targets], atol=1e-5, rtol=1e-6)
+    assert torch.equal(loss, loss_only)
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), grad_ref.to(torch.bfloat16).float(), atol=1e-6, rtol=2**-8)

@@ -1,4 +1,5 @@
-"""CPU kernels for decoding, where a few query rows meet large bf16 weights or KV caches.
+"""CPU kernels for decoding, where a few query rows meet large bf16 weights or KV caches, and for the training
+loss's softmax over a large vocabulary.
 
 oneDNN's bf16 GEMV reaches ~11-15 GB/s on this class of CPU from cold memory; `decode.c` streams the same bytes at
 30-60 GB/s with AVX-512 BF16 dot products and fp32 accumulation. It is compiled with the system C compiler on first
@@ -68,6 +69,8 @@ def _load() -> ctypes.CDLL | bool:
         lib.decode_attn_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
                                          ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+        lib.xent_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
+                                  ctypes.c_int, ctypes.c_void_p]  # fmt: skip
         _lib = lib
     except (OSError, subprocess.SubprocessError):
         _lib = False
@@ -203,3 +206,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     out = torch.empty_like(x)
     _lib.rope_bf16(x.data_ptr(), B * T, H, D, cos.data_ptr(), sin.data_ptr(), int(interleaved), out.data_ptr())
     return out
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor | None:
+    """Per-row cross-entropy of bf16 logits [n, V] (fp32 math) -> loss [n] fp32. With grad, the logits are
+    overwritten in place with softmax - one-hot (bf16), the logit gradient. None when the kernel can't: one fused
+    pass per row instead of PyTorch's convert / log-softmax / exp / subtract / convert."""
+    if logits.ndim != 2 or logits.stride(1) != 1 or not _usable(logits):
+        return None
+    n, V = logits.shape
+    t = targets.to(torch.int64).contiguous()
+    loss = torch.empty(n)
+    _lib.xent_bf16(logits.data_ptr(), n, V, logits.stride(0), t.data_ptr(), int(grad), loss.data_ptr())
+    return loss

@@ -1,4 +1,5 @@
-// Bandwidth-bound CPU kernels for decoding (few query rows): bf16 weights/KV streamed once, fp32 accumulation.
+// Bandwidth-bound CPU kernels for decoding (few query rows): bf16 weights/KV streamed once, fp32 accumulation;
+// and the training loss's softmax over the vocabulary (xent_bf16, at the end).
 // Built on first use by longmoe/kernels/__init__.py with the system C compiler; AVX-512 BF16 required.
 #include <immintrin.h>
 #include <stdint.h>
@@ -268,4 +269,36 @@ void decode_attn_bf16(const uint16_t* q, int R, int D, long ldq, const uint16_t*
     free(part_acc);
     free(part_m);
     free(part_l);
+}
+
+// Cross-entropy of bf16 logit rows [M, V] (row stride ld) against targets, in fp32:
+//   loss[m] = logsumexp(row) - row[target[m]]
+// and, when grad is set, the row is overwritten with the logit gradient softmax(row) - onehot(target), in bf16.
+// A row (64 KB at V = 32000) stays in L2 across the three passes: max, sum of exp, gradient.
+void xent_bf16(uint16_t* logits, int M, int V, long ld, const int64_t* target, int grad, float* loss) {
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        uint16_t* row = logits + (long)m * ld;
+        int V16 = V & ~15;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int v = 0; v < V16; v += 16) mx = _mm512_max_ps(mx, bf16x16_to_f32(row + v));
+        float hi = _mm512_reduce_max_ps(mx);
+        for (int v = V16; v < V; v++) hi = fmaxf(hi, from_bf16(row[v]));
+        __m512 shift = _mm512_set1_ps(hi), sum = _mm512_setzero_ps();
+        for (int v = 0; v < V16; v += 16) sum = _mm512_add_ps(sum, exp512(_mm512_sub_ps(bf16x16_to_f32(row + v), shift)));
+        float s = _mm512_reduce_add_ps(sum);
+        for (int v = V16; v < V; v++) s += expf(from_bf16(row[v]) - hi);
+        float lse = hi + logf(s);
+        long t = target[m];
+        float picked = from_bf16(row[t]);
+        loss[m] = lse - picked;
+        if (!grad) continue;
+        __m512 l = _mm512_set1_ps(lse);
+        for (int v = 0; v < V16; v += 16) {
+            __m512 p = exp512(_mm512_sub_ps(bf16x16_to_f32(row + v), l));
+            _mm256_storeu_si256((__m256i*)(row + v), (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        for (int v = V16; v < V; v++) row[v] = to_bf16(expf(from_bf16(row[v]) - lse));
+        row[t] = to_bf16(expf(picked - lse) - 1.0f);
+    }
 }

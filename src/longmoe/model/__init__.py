@@ -2,10 +2,12 @@
 
 from .attention import Segment, attend, attend_span, merge, sdpa
 from .config import ConfigError, ModelConfig
+from .loss import IGNORE, cross_entropy_sum
 from .moe import MoE, load_balancing_loss, update_selection_bias, z_loss
 from .transformer import Output, Transformer
 
 __all__ = [
+    "IGNORE",
     "ConfigError",
     "ModelConfig",
     "MoE",
@@ -14,6 +16,7 @@ __all__ = [
     "Transformer",
     "attend",
     "attend_span",
+    "cross_entropy_sum",
     "load_balancing_loss",
     "merge",
     "sdpa",

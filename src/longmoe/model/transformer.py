@@ -16,6 +16,7 @@ from torch import nn
 from .. import kernels
 from .attention import Segment, attend, segments_from_positions
 from .config import ModelConfig
+from .loss import cross_entropy_sum
 from .moe import MLP, Linear, MoE
 from .rope import RotaryEmbedding, apply_rope
 
@@ -190,8 +191,9 @@ class Block(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_only)
+    logits: torch.Tensor | None  # [B, T, V] (or [B, 1, V] with last_only); None when targets were given
     router_logits: list[torch.Tensor] = field(default_factory=list)  # one [B*T, E] fp32 per MoE layer
+    loss_sum: torch.Tensor | None = None  # with targets: summed next-token cross-entropy, fp32 []
 
 
 class Transformer(nn.Module):
@@ -214,9 +216,12 @@ class Transformer(nn.Module):
         input_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> Output:
         """input_ids [B, T] (or input_embeds [B, T, C]); positions [B, T], default 0..T-1 for every row.
-        Without a cache, positions that restart inside a row start a new document (packed sequences)."""
+        Without a cache, positions that restart inside a row start a new document (packed sequences).
+        With targets [B, T] (IGNORE = -100 for no loss) the output is the summed cross-entropy instead of logits,
+        computed with the output projection in chunks (training never holds [B, T, V] logits)."""
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids or input_embeds")
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [B, T, C]
@@ -233,6 +238,8 @@ class Transformer(nn.Module):
             if logits is not None:
                 router_logits.append(logits)
         x = self.norm(x[:, -1:] if last_only else x)
+        if targets is not None:
+            return Output(None, router_logits, cross_entropy_sum(x, self.lm_head.weight, targets))
         return Output(self.lm_head(x), router_logits)
 
     @torch.no_grad()

@@ -24,12 +24,14 @@ def step_grads(trainer: Trainer, route_to_first: bool) -> tuple[float, dict[str,
     batch = trainer.data.next(cfg.batch_size, cfg.data.seq_len)
     loss, _ = trainer._loss(trainer._local(batch), float(batch["mask"].sum()))
     loss.backward()
+    trainer.masters.grads_to_master()  # bf16: gradients move to the fp32 masters, as in Trainer.train
     trainer._after_backward()
     world = trainer.dist.world
     loss = loss / trainer.loss_scale
     expert_ids = {id(p) for p in trainer.expert_params}
     grads = {}
     for name, p in trainer.model.named_parameters():
+        p = trainer.masters.master(p)
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if hasattr(g, "full_tensor"):
             g = g.full_tensor()

@@ -107,11 +107,12 @@ def test_tiny_preset_lowers_heldout_loss_and_learns_the_needle_task(tmp_path):
     assert hits / 50 >= 0.9
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the fp32 masters are part of the checkpoint
+def test_exact_resume_after_sigkill(tmp_path, dtype):
     full = tmp_path / "full"
-    train(full, "--steps", "30", "--save-every", "10")
+    train(full, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"')
     killed = tmp_path / "killed"
-    proc = train(killed, "--steps", "30", "--save-every", "10", wait=False)
+    proc = train(killed, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"', wait=False)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once the run is past step 24 (between two checkpoints)
         if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 24:
@@ -120,7 +121,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert latest_checkpoint(killed / "checkpoints").name == "step-000020"
-    train(killed, "--steps", "30", "--save-every", "10", "--resume")
+    train(killed, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"', "--resume")
     a, b = losses(full), losses(killed)
     assert sorted(b) == list(range(1, 31))
     for step in range(21, 31):  # stated tolerance: bit-identical (same ops, same order, one process)
@@ -186,3 +187,42 @@ def test_continued_pretraining_from_an_imported_checkpoint(hf_dirs, tmp_path):
     assert (tmp_path / "tokenizer.json").read_bytes() == (path / "tokenizer.json").read_bytes()
     m = longmoe.load(tmp_path / "export")
     assert m.config.num_experts == 8 and m.config.qk_norm == "head"
+
+
+def test_bf16_master_weights_keep_updates_smaller_than_a_bf16_step():
+    """An update of 1e-4 on a weight of 1.0 is below half a bf16 ulp (2^-8): a bf16 weight never moves. With fp32
+    masters the updates accumulate and the bf16 weight follows (100 steps -> 0.99)."""
+    from longmoe.train.precision import MasterWeights
+
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    kept = torch.nn.Parameter(torch.ones(4))
+    masters = MasterWeights({"w": kept})
+    assert kept.dtype == torch.bfloat16 and masters.master(kept).dtype == torch.float32
+    opt_plain = torch.optim.SGD([plain], lr=1e-4)
+    opt_kept = torch.optim.SGD([masters.master(kept)], lr=1e-4)
+    for _ in range(100):
+        for p in (plain, kept):
+            (p.float().sum()).backward()  # gradient 1
+        masters.grads_to_master()
+        assert kept.grad is None
+        opt_plain.step()
+        opt_kept.step()
+        masters.copy_to_model()
+        opt_plain.zero_grad()
+        opt_kept.zero_grad()
+    assert torch.equal(plain, torch.ones(4, dtype=torch.bfloat16))
+    torch.testing.assert_close(masters.master(kept), torch.full((4,), 0.99), atol=1e-5, rtol=0)
+    assert torch.equal(kept.detach(), torch.full((4,), 0.99).to(torch.bfloat16))
+
+
+def test_bf16_training_tracks_fp32(tmp_path):
+    """bf16 weights and compute with fp32 masters: losses within 1% of the fp32 run's over 30 steps; the export is
+    fp32 (the masters)."""
+    text = ("--set", "data.synthetic_ratio=0")  # plain text: every position is a target
+    train(tmp_path / "fp32", "--steps", "30", *text)
+    train(tmp_path / "bf16", "--steps", "30", *text, "--set", 'dtype="bfloat16"')
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    for step in range(1, 31):
+        assert abs(a[step] - b[step]) < 0.01 * a[step], (step, a[step], b[step])
+    m = longmoe.load(tmp_path / "bf16" / "export", dtype="auto")
+    assert next(m.module.parameters()).dtype == torch.float32

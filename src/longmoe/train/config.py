@@ -57,7 +57,7 @@ class TrainConfig:
     steps: int = 200  # length of the schedule (warmup + cosine)
     batch_size: int = 8  # sequences per micro-batch, across all data-parallel ranks
     grad_accum: int = 1
-    dtype: str = "float32"  # "bfloat16": autocast the forward/backward, fp32 master weights
+    dtype: str = "float32"  # "bfloat16": bf16 weights and compute, fp32 master weights in the optimizer
     activation_checkpointing: bool = False
     balance: str = "aux_loss"  # MoE balancing: "aux_loss" (+ z-loss), "aux_free" (selection bias), "none"
     aux_loss_coef: float = 0.01

@@ -1,6 +1,6 @@
-"""The training loop: AdamW with warmup + cosine, clipping, accumulation, bf16 autocast, activation checkpointing,
-MoE balancing terms, a context-length schedule; metrics to JSONL and TensorBoard; atomic, exactly resumable
-checkpoints; an export the engine loads. One process, or many under torchrun (see parallel.py)."""
+"""The training loop: AdamW with warmup + cosine, clipping, accumulation, bf16 with fp32 master weights, activation
+checkpointing, MoE balancing terms, a context-length schedule; metrics to JSONL and TensorBoard; atomic, exactly
+resumable checkpoints; an export the engine loads. One process, or many under torchrun (see parallel.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import native, save
 from ..checkpoint.safetensors_io import atomic_write_bytes
 from ..model.config import ModelConfig
+from ..model.loss import IGNORE
 from ..model.moe import MoE, router_probs, update_selection_bias
 from ..model.rope import RotaryEmbedding
 from ..model.transformer import Transformer
@@ -38,6 +38,7 @@ from .parallel import (
     init_distributed,
     sync_replicated_grads,
 )
+from .precision import MasterWeights
 from .tb import EventWriter
 
 
@@ -119,25 +120,30 @@ class Trainer:
             for block in self.model.layers:
                 block.forward = partial(checkpoint, block.forward, use_reentrant=False)
         self.fsdp = d.world > 1 and p.dp == "fsdp"
-        if self.fsdp:
-            apply_fsdp(self.model, set(self.expert_params))
+        bf16 = cfg.dtype == "bfloat16"
         ep_ids = {id(x) for x in self.expert_params}
-        self.replicated = (
-            [] if self.fsdp or d.world == 1 else [x for x in self.model.parameters() if id(x) not in ep_ids]
-        )
+        # bf16: parameters FSDP holds are gathered in bf16 from fp32 shards (the masters); the others become bf16
+        # with fp32 masters here. The optimizer, clipping and gradient sums all work on the fp32 tensors.
+        own = {n: x for n, x in self.model.named_parameters() if not self.fsdp or id(x) in ep_ids}
+        self.masters = MasterWeights(own if bf16 else {})
+        if self.fsdp:
+            apply_fsdp(self.model, set(self.expert_params), torch.bfloat16 if bf16 else None)
+        self.params = [self.masters.master(x) for x in self.model.parameters()]  # what the optimizer updates
+        self.expert_params = [self.masters.master(x) for x in self.expert_params]
+        ep_ids = {id(x) for x in self.expert_params}
+        self.replicated = [] if self.fsdp or d.world == 1 else [x for x in self.params if id(x) not in ep_ids]
         self.loss_scale = d.world if self.fsdp else 1  # FSDP averages gradients; we want them summed
 
-        decay = [x for x in self.model.parameters() if x.ndim >= 2]
-        no_decay = [x for x in self.model.parameters() if x.ndim < 2]
+        decay = [x for x in self.params if x.ndim >= 2]
+        no_decay = [x for x in self.params if x.ndim < 2]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), foreach=False,
+            lr=o.lr, betas=(o.beta1, o.beta2), fused=True,  # one pass over each tensor: ~7x the for-loop form on CPU
         )  # fmt: skip
         self.data = Batches(cfg.data, self.tokenizer)
         self.step = 0
-        self.autocast = cfg.dtype == "bfloat16"
-        self.peak = measured_peak_flops(torch.bfloat16 if self.autocast else torch.float32)
+        self.peak = measured_peak_flops(torch.bfloat16 if bf16 else torch.float32)
         if resume:
             self._resume()
         self.metrics_path = self.out / "metrics.jsonl"
@@ -183,11 +189,9 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], global_targets: float) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(batch["input_ids"], batch["positions"])
-        logits = out.logits.float()
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["targets"].reshape(-1), reduction="none")
-        ce_sum = (ce * batch["mask"].reshape(-1)).sum()
+        targets = batch["targets"].masked_fill(~batch["mask"], IGNORE)
+        out = self.model(batch["input_ids"], batch["positions"], targets=targets)
+        ce_sum = out.loss_sum
         loss = ce_sum / global_targets
         stats: dict[str, Any] = {"ce_sum": ce_sum.detach()}
         if out.router_logits and cfg.balance != "none":
@@ -248,6 +252,7 @@ class Trainer:
             for batch in micro:
                 loss, stats = self._loss(self._local(batch), global_targets)
                 loss.backward()
+                self.masters.grads_to_master()
                 for k, v in stats.items():
                     totals[k] += float(v) / (1 if k == "ce_sum" else cfg.grad_accum)
             self._after_backward()
@@ -255,6 +260,7 @@ class Trainer:
             load = self._expert_load()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.masters.copy_to_model()
             if cfg.balance == "aux_free":
                 for m in self.model.modules():
                     if isinstance(m, MoE):
@@ -295,7 +301,7 @@ class Trainer:
         ep_ids = {id(x) for x in self.expert_params}
         sharded, replicated = torch.zeros(()), torch.zeros(())
         grads = []
-        for x in self.model.parameters():
+        for x in self.params:
             if x.grad is None:
                 continue
             grads.append(x.grad)
@@ -331,10 +337,8 @@ class Trainer:
             batch = data.next(self.cfg.batch_size, seq_len)
             n += float(batch["mask"].sum())
             local = self._local(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(local["input_ids"], local["positions"]).logits.float()
-            ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), local["targets"].reshape(-1), reduction="none")
-            ce_sum += float((ce * local["mask"].reshape(-1)).sum())
+            targets = local["targets"].masked_fill(~local["mask"], IGNORE)
+            ce_sum += float(self.model(local["input_ids"], local["positions"], targets=targets).loss_sum)
         self.model.train()
         for m in self.model.modules():
             if isinstance(m, MoE):
@@ -366,6 +370,7 @@ class Trainer:
         state = {
             "model": _to_local(self.model.state_dict()),
             "optim": _to_local(self.optimizer.state_dict()),
+            "master": self.masters.state_dict(),
             "rng": torch.get_rng_state(),
         }
         _atomic_torch_save(state, tmp / f"rank-{d.rank:05d}.pt")
@@ -403,6 +408,7 @@ class Trainer:
         self.config.rope_scaling = meta["config"]["rope_scaling"]
         self.model.rotary = RotaryEmbedding(self.config)
         _load_local(self.model.state_dict(), state["model"])
+        self.masters.load_state_dict(state.get("master", {}))
         self.optimizer.load_state_dict(_optim_state_from_local(self.optimizer, state["optim"]))
         torch.set_rng_state(state["rng"])
         self.data.load_state_dict(meta["data"])
@@ -418,8 +424,9 @@ class Trainer:
         """Write the full model in longmoe's native format (+ tokenizer), loadable by `longmoe.load`."""
         full = {}
         ep_ids = {id(x) for x in self.expert_params}
-        named = dict(self.model.named_parameters())
+        named = {n: self.masters.master(x) for n, x in self.model.named_parameters()}  # fp32 where bf16 trains
         for name, t in self.model.state_dict().items():
+            t = named.get(name, t)
             if hasattr(t, "full_tensor"):
                 t = t.full_tensor()
             elif name in named and id(named[name]) in ep_ids:

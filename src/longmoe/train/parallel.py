@@ -61,14 +61,17 @@ def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
 # data parallel
 
 
-def apply_fsdp(model: Transformer, ignored: set[nn.Parameter]) -> None:
+def apply_fsdp(model: Transformer, ignored: set[nn.Parameter], compute_dtype: torch.dtype | None = None) -> None:
     """fully_shard each block, then the root. FSDP averages gradients over ranks (gloo has no pre-multiplied sum),
-    so the trainer scales the loss by the world size to get sums."""
-    from torch.distributed.fsdp import fully_shard
+    so the trainer scales the loss by the world size to get sums. With a compute dtype (bf16), the fp32 shards are
+    the master weights: FSDP gathers them in that dtype for compute and reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kw = {"mp_policy": mp} if mp else {}
     for block in model.layers:
-        fully_shard(block, ignored_params=ignored & set(block.parameters()) or None)
-    fully_shard(model, ignored_params=ignored or None)
+        fully_shard(block, ignored_params=ignored & set(block.parameters()) or None, **kw)
+    fully_shard(model, ignored_params=ignored or None, **kw)
 
 
 def sync_replicated_grads(params: list[nn.Parameter], world: int) -> None:

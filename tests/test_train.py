@@ -22,7 +22,7 @@ from longmoe.train.loop import latest_checkpoint
 SMALL = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.head_dim=16",
     "model.intermediate_size=128", "model.moe_intermediate_size=64", "data.seq_len=32", "batch_size=4",
-    "eval_every=0", 'data.tokenizer="bytes"',
+    "eval_every=0", 'data.tokenizer="bytes"', "data.synthetic_ratio=0",
 ]  # fmt: skip
 
 
@@ -72,6 +72,16 @@ def test_parallel_layout_is_checked_against_the_world_size():
         validate(load_config("tiny", ["parallel.ep=4"]), world_size=2)
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config("no-such-config.toml")
+
+
+def test_synthetic_tasks_that_cannot_fit_the_sequence_fail_before_training(tmp_path):
+    """32 bytes hold no needle sentence plus its question: every synthetic row would have nothing to learn."""
+    cmd = [sys.executable, "-m", "longmoe.cli", "train", "tiny", "--out", str(tmp_path)]
+    cmd += ["--set", 'data.tokenizer="bytes"', "--set", "data.seq_len=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "data.seq_len = 32 is too short for the synthetic task 'niah'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_toml_config_file(tmp_path):
@@ -181,7 +191,7 @@ def test_continued_pretraining_from_an_imported_checkpoint(hf_dirs, tmp_path):
     path, _ = hf_dirs("qwen3_moe")
     cmd = [sys.executable, "-m", "longmoe.cli", "train", "tiny", "--out", str(tmp_path), "--quiet", "--steps", "4",
            "--set", "model={}", "--set", f'init="{path}"', "--set", "data.seq_len=32", "--set", "batch_size=2",
-           "--set", "eval_every=2"]  # fmt: skip
+           "--set", "eval_every=2", "--set", "data.synthetic_ratio=0"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "tokenizer.json").read_bytes() == (path / "tokenizer.json").read_bytes()
@@ -218,9 +228,8 @@ def test_bf16_master_weights_keep_updates_smaller_than_a_bf16_step():
 def test_bf16_training_tracks_fp32(tmp_path):
     """bf16 weights and compute with fp32 masters: losses within 1% of the fp32 run's over 30 steps; the export is
     fp32 (the masters)."""
-    text = ("--set", "data.synthetic_ratio=0")  # plain text: every position is a target
-    train(tmp_path / "fp32", "--steps", "30", *text)
-    train(tmp_path / "bf16", "--steps", "30", *text, "--set", 'dtype="bfloat16"')
+    train(tmp_path / "fp32", "--steps", "30")
+    train(tmp_path / "bf16", "--steps", "30", "--set", 'dtype="bfloat16"')
     a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     for step in range(1, 31):
         assert abs(a[step] - b[step]) < 0.01 * a[step], (step, a[step], b[step])

@@ -205,6 +205,8 @@ class Batches:
         self.buffer: list[tuple[int, int]] = []  # (token, starts a document) carried over to the next row
         self.row = 0  # rows produced so far (synthetic and real)
         self.synthetic = split == "train" and cfg.synthetic_ratio > 0
+        if self.synthetic:
+            self._check_tasks_fit(cfg.seq_len)
 
     def count(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
@@ -222,11 +224,23 @@ class Batches:
             out.append((t, pos, 1 - doc_start))
         return out
 
-    def _synthetic_row(self, rng: random.Random, n: int) -> list[tuple[int, int, int]]:
+    def _check_tasks_fit(self, seq_len: int) -> None:
+        """A synthetic row too short for its question and answer has nothing to learn: fail before training."""
+        for name in self.cfg.synthetic_tasks:
+            rows = [self._synthetic_row(random.Random(i), seq_len + 1, name) for i in range(8)]
+            answered = sum(sum(mark for _, _, mark in row) > 1 for row in rows)  # more targets than the final <eos>
+            if answered < 4:
+                raise ConfigError(
+                    f"data.seq_len = {seq_len} is too short for the synthetic task {name!r} with this tokenizer: "
+                    f"{8 - answered} of 8 sample rows have no room for the question and answer. Raise data.seq_len "
+                    "or set data.synthetic_ratio = 0"
+                )
+
+    def _synthetic_row(self, rng: random.Random, n: int, name: str | None = None) -> list[tuple[int, int, int]]:
         """A synthetic task, then its question and answer, then the same question for every other fact planted in
         the context (distractor needles too): several retrievals to learn from per row. Only the question/answer
         text is a target, not the haystack."""
-        task = TRAIN_TASKS[rng.choice(self.cfg.synthetic_tasks)](rng, n * 2 // 3, self.count)
+        task = TRAIN_TASKS[name or rng.choice(self.cfg.synthetic_tasks)](rng, n * 2 // 3, self.count)
         qa = [f"\n{task.question} {task.answer_prefix} {', '.join(task.answers)}."]
         facts = task.meta.get("facts", {})
         asked = {task.question}

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from longmoe.model.moe import MoE
 from longmoe.train.config import from_dict
 from longmoe.train.loop import Trainer
-from longmoe.train.parallel import all_reduce_sum
+from longmoe.train.parallel import all_reduce_sum, exit_worker
 
 
 def step_grads(trainer: Trainer, route_to_first: bool) -> tuple[float, dict[str, torch.Tensor]]:
@@ -50,3 +50,4 @@ if __name__ == "__main__":
     if trainer.dist.main:
         torch.save({"loss": loss, "grads": grads}, out / "result.pt")
     trainer.close()
+    exit_worker(0)

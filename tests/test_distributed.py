@@ -99,3 +99,15 @@ def test_bf16_fsdp_and_expert_parallel_equal_single_process_bf16(tmp_path):
         scale = g.abs().max()
         assert scale > 0 or "selection_bias" in name
         assert (result["grads"][name] - g).abs().max() <= 0.03 * scale, name
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    """The README's command: `torchrun ... -m longmoe.cli train`, FSDP over 2 ranks, exits 0 with an export."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "longmoe.cli", "train", "tiny", "--out", str(tmp_path), "--quiet", "--steps", "3",
+           "--set", "model.num_layers=2", "--set", "data.synthetic_ratio=0", "--set", "eval_every=0",
+           "--set", 'data.tokenizer="bytes"', "--set", "data.seq_len=32", "--set", "batch_size=4"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "export" / "config.json").exists()

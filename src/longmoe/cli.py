@@ -228,6 +228,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.main:
         done = ", export/" if trainer.step == cfg.steps else ""
         print(f"run directory: {out} (metrics.jsonl, tb/, checkpoints/{done})", file=sys.stderr)
+    if trainer.dist.world > 1:
+        from .train.parallel import exit_worker
+
+        exit_worker(0)
     return 0
 
 

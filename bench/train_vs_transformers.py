@@ -69,15 +69,6 @@ def step_hf(model, opt, masters, ids, targets):
     return out.loss.item()
 
 
-def peak_flops(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * 2048**3 / (time.perf_counter() - t)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -88,12 +79,13 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(__file__).parent / ".cache" / "train-mixtral"
     hf, ours = build(tmp)
+    from longmoe.train.loop import flops_per_token as model_flops
+    from longmoe.train.loop import measured_peak_flops
+
     c = CONFIG
-    H, L, E, K, I = c["hidden_size"], c["num_hidden_layers"], 8, 2, c["intermediate_size"]
-    active = L * (2 * H * H + 2 * H * 128 + E * H + K * 3 * H * I) + c["vocab_size"] * H
-    flops_per_token = 6 * active + 6 * L * args.seq_len * H
+    flops_per_token = model_flops(ours.config, ours.num_parameters()[1], args.seq_len)  # as `longmoe train` logs
     dtype = getattr(torch, args.dtype)
-    peak = peak_flops(dtype)
+    peak = measured_peak_flops(dtype)
     g = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, c["vocab_size"], (args.batch, args.seq_len + 1), generator=g) for _ in range(args.steps + 2)

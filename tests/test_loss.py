@@ -79,3 +79,14 @@ def test_model_with_targets_returns_the_summed_loss_and_its_gradients():
     torch.testing.assert_close(out.loss_sum, ref, rtol=1e-6, atol=1e-4)
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_model_rejects_targets_of_the_wrong_shape_or_with_a_cache():
+    cfg = ModelConfig.from_dict(dict(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                     head_dim=16, intermediate_size=64), "model")  # fmt: skip
+    model = Transformer(cfg)
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.raises(ValueError, match=r"targets must have the input's shape \[B, T\] = \[2, 8\], got \[2, 7\]"):
+        model(ids, targets=ids[:, 1:])
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache or last_only"):
+        model(ids, targets=ids, last_only=True)

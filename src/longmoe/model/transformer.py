@@ -224,8 +224,12 @@ class Transformer(nn.Module):
         computed with the output projection in chunks (training never holds [B, T, V] logits)."""
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids or input_embeds")
+        if targets is not None and (last_only or cache is not None):
+            raise ValueError("targets (a training loss) cannot be combined with a KV cache or last_only")
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [B, T, C]
         B, T = x.shape[:2]
+        if targets is not None and targets.shape != (B, T):
+            raise ValueError(f"targets must have the input's shape [B, T] = {[B, T]}, got {list(targets.shape)}")
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")

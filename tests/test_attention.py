@@ -102,11 +102,20 @@ def test_packed_documents_do_not_see_each_other():
         torch.testing.assert_close(out[:, 20:], model(b).logits, atol=1e-5, rtol=0)
 
 
-def test_merging_under_autograd_is_refused():
+def test_tail_queries_under_autograd_equal_the_full_causal_attention():
+    """Training on the last few positions only (one masked call, no LSE merge): same output and gradients."""
     q, k, v = qkv(32)
-    q.requires_grad_()
-    with pytest.raises(RuntimeError, match="inference-only"):
-        attend_span(q[:, :, -8:], k, v, end=32, scale=SCALE)
+    grads = []
+    for tail in (False, True):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attend_span(qq[:, :, -8:], kk, vv, end=32, scale=SCALE)[0] if tail else \
+            attend_span(qq, kk, vv, end=32, scale=SCALE)[0][:, :, -8:]  # fmt: skip
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="inference-only"):  # merging partial results still refuses autograd
+        merge((q.requires_grad_(), torch.zeros(q.shape[:3])), (q, torch.zeros(q.shape[:3])))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import longmoe
-from longmoe.engine.engine import Engine, SamplingParams
+from longmoe.engine.engine import ContextLengthError, Engine, SamplingParams
 from longmoe.engine.planner import MemoryPlanError, bytes_per_token
 
 PROMPT = (
@@ -128,16 +128,33 @@ def test_local_layers_keep_only_their_window(hf_dirs):
 
 def test_too_large_request_fails_fast_with_the_numbers(hf_dirs):
     path, _ = hf_dirs("qwen3_moe")
-    m = longmoe.load(path, **SMALL)
+    m = longmoe.load(path, **SMALL, max_context=1 << 30)  # past the model's context on purpose: memory is the limit
     t0 = time.perf_counter()
     with pytest.raises(MemoryPlanError, match=r"needs [\d.,]+ [GM]iB of KV cache \(float32\), [\d.,]+ [GM]iB free"):
         m.generate(list(range(10, 200)) * 1000, max_new_tokens=10)
     assert time.perf_counter() - t0 < 1.0
     assert not m.engine.has_work()
     # with the default budget (sized from free memory) a 100M-token request is refused the same way
-    default = Engine(m.module)
+    default = Engine(m.module, max_context=1 << 30)
     with pytest.raises(MemoryPlanError, match="100,000,010-token sequence needs"):
         default.submit([1] * 100_000_000, SamplingParams(max_new_tokens=10))
+    fp8 = Engine(m.module, kv_dtype="fp8", max_context=1 << 30)
+    with pytest.raises(MemoryPlanError) as e:
+        fp8.submit([1] * 100_000_000, SamplingParams(max_new_tokens=10))
+    assert "fp8" in str(e.value) and "use kv_dtype" not in str(e.value)  # no advice to turn on what is on
+
+
+def test_prompt_beyond_the_context_is_refused_up_front(hf_dirs):
+    path, _ = hf_dirs("qwen3_moe")
+    m = longmoe.load(path, **SMALL)
+    limit = m.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match=rf"the prompt is {limit + 1:,} tokens \+ 4 to generate; this model's "
+                       rf"context is {limit:,} tokens"):  # fmt: skip
+        m.generate([5] * (limit + 1), max_new_tokens=4)
+    with pytest.raises(ContextLengthError, match=r"\+ 8 to generate"):  # prompt fits, prompt + answer does not
+        m.generate([5] * (limit - 4), max_new_tokens=8)
+    assert not m.engine.has_work()
+    assert len(m.generate([5] * (limit - 8), max_new_tokens=8).token_ids) == 8  # exactly the context: accepted
 
 
 def test_pinned_prefix_is_reused_until_its_ttl(hf_dirs):
@@ -226,3 +243,116 @@ def test_long_context_peak_memory_within_the_plan():
     result = json.loads(out.stdout)
     assert result["context_tokens"] == 32768 and result["generated"] == 16
     assert result["peak_over_estimate"] <= 1.0, result
+
+
+# --- reliability: a failing request never takes the engine down, and nothing leaks ----------------------------------
+
+
+def _free_blocks(m) -> dict[str, int]:
+    return {kind: pool.available for kind, pool in m.engine.cache.pools.items()}
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _fail_on_call(monkeypatch, module, n: int, exc: BaseException):
+    """Make the model's n-th forward call (from now) raise `exc` once."""
+    forward, calls = module.forward, [0]
+
+    def flaky(*args, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            raise exc
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(module, "forward", flaky)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_an_exception_inside_a_step_fails_that_request_only(hf_dirs, monkeypatch, background):
+    path, _ = hf_dirs("mixtral")
+    m = longmoe.load(path, **SMALL)
+    ids = m.encode(PROMPT)
+    expected = m.generate(ids, max_new_tokens=6).token_ids
+    start = _free_blocks(m)
+    if background:
+        m.engine.start()
+    try:
+        _fail_on_call(monkeypatch, m.module, 3, Boom("injected"))
+        with pytest.raises(Boom, match="injected"):
+            m.generate(ids, max_new_tokens=6)
+        assert m.generate(ids, max_new_tokens=6).token_ids == expected  # the next request completes, unchanged
+        with pytest.raises(Boom):  # streaming raises it too
+            _fail_on_call(monkeypatch, m.module, 2, Boom("again"))
+            "".join(m.stream(ids, max_new_tokens=6))
+        assert "".join(m.stream(ids, max_new_tokens=6)) == m.tokenizer.decode(expected)
+    finally:
+        m.engine.stop()
+    assert not m.engine.has_work() and _free_blocks(m) == start
+
+
+def test_cancelled_failed_and_interrupted_requests_leave_nothing_behind(hf_dirs, monkeypatch):
+    path, _ = hf_dirs("llama4")  # local (chunked) and full pools
+    m = longmoe.load(path, **SMALL)
+    ids = m.encode(PROMPT)
+    m.generate(ids, max_new_tokens=2)
+    start = _free_blocks(m)
+    for i in range(3):
+        seq = m.submit(ids[i:], max_new_tokens=20)  # cancelled mid-decode
+        for _ in range(3 + i):
+            m.engine.step()
+        m.engine.cancel(seq)
+        m.engine.step()
+        _fail_on_call(monkeypatch, m.module, 2 + i, Boom("failed"))  # failed mid-prefill or decode
+        with pytest.raises(Boom):
+            m.generate(ids[i:], max_new_tokens=20)
+        _fail_on_call(monkeypatch, m.module, 2 + i, KeyboardInterrupt())  # Ctrl-C in the middle of generate()
+        with pytest.raises(KeyboardInterrupt):
+            m.generate(ids[i:], max_new_tokens=20)
+        stream = iter(m.stream(ids[i:], max_new_tokens=20))  # a stream left after its first piece
+        next(stream)
+        stream.close()
+        monkeypatch.undo()
+    assert not m.engine.has_work()
+    assert _free_blocks(m) == start
+
+
+def test_background_engine_survives_bad_requests_and_interrupts(hf_dirs):
+    path, _ = hf_dirs("qwen2_moe")
+    m = longmoe.load(path, **SMALL)
+    ids = m.encode(PROMPT)
+    expected = m.generate(ids, max_new_tokens=5).token_ids
+    start = _free_blocks(m)
+    m.engine.start()
+    try:
+        with pytest.raises(ValueError, match="temperature must be a finite number, got nan"):
+            m.generate("x", temperature=float("nan"))
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            m.engine.pin("empty", [], ttl=10)
+        seq = m.submit(ids, max_new_tokens=200)
+        seq.wait(0.05)
+        m.engine.abandon(seq)  # what an interrupted caller does
+        assert seq.wait(10) and seq.finish_reason in ("cancelled", "length")
+        assert m.generate(ids, max_new_tokens=5).token_ids == expected
+        deadline = time.monotonic() + 10
+        while m.engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        m.engine.stop()
+    assert _free_blocks(m) == start
+
+
+def test_scoring_twice_gives_the_full_list_with_or_without_a_prefix_cache_hit(hf_dirs):
+    path, _ = hf_dirs("mixtral")
+    m = longmoe.load(path, **SMALL)
+    ids = m.encode(PROMPT)
+    runs = []
+    for _ in range(2):  # the second prompt's blocks are all in the prefix cache
+        seq = m.engine.submit(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=True))
+        m.engine.run(seq)
+        runs.append(seq.prompt_logprobs)
+    assert len(runs[0]) == len(runs[1]) == len(ids) - 1
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(runs[0]), rescore(m, ids), atol=ATOL, rtol=0)
+    assert m.generate(ids, max_new_tokens=1).usage.cached_tokens > 0  # plain requests still reuse the cache

@@ -88,5 +88,5 @@ def test_model_rejects_targets_of_the_wrong_shape_or_with_a_cache():
     ids = torch.randint(0, 50, (2, 8))
     with pytest.raises(ValueError, match=r"targets must have the input's shape \[B, T\] = \[2, 8\], got \[2, 7\]"):
         model(ids, targets=ids[:, 1:])
-    with pytest.raises(ValueError, match="cannot be combined with a KV cache or last_only"):
-        model(ids, targets=ids, last_only=True)
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+        model(ids, targets=ids, cache=object())

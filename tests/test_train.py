@@ -4,6 +4,7 @@ TensorBoard files, the context-length schedule, continued pretraining of an impo
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     proc.send_signal(signal.SIGKILL)  # rank files written, meta not yet: the save is half done
     proc.wait()
     assert latest_checkpoint(out / "checkpoints") is None  # nothing complete yet: the half save does not count
-    train(out, "--steps", "20", "--save-every", "10", "--stop-at", "10")  # a complete step-10 checkpoint
+    train(out, "--steps", "20", "--save-every", "10", "--stop-at", "10", "--overwrite")  # a complete step-10 one
     proc = train(out, "--steps", "20", "--save-every", "10", "--resume", env={"LONGMOE_TEST_SAVE_PAUSE": "30"},
                  wait=False)  # fmt: skip
     while time.time() < deadline and not list((out / "checkpoints").glob(".step-000020.tmp/rank-*.pt")):
@@ -235,3 +236,73 @@ def test_bf16_training_tracks_fp32(tmp_path):
         assert abs(a[step] - b[step]) < 0.01 * a[step], (step, a[step], b[step])
     m = longmoe.load(tmp_path / "bf16" / "export", dtype="auto")
     assert next(m.module.parameters()).dtype == torch.float32
+
+
+# --- a run directory is never lost by accident ------------------------------------------------------------------
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+def test_a_second_run_into_an_existing_out_refuses_and_changes_nothing(tmp_path):
+    train(tmp_path, "--steps", "3")
+    before = _snapshot(tmp_path)
+    proc = train(tmp_path, "--steps", "3", wait=False)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "already holds a training run" in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+    train(tmp_path, "--steps", "2", "--overwrite")  # an explicit --overwrite starts afresh
+    assert sorted(losses(tmp_path)) == [1, 2]
+
+
+def test_resume_with_a_changed_model_refuses_before_writing(tmp_path):
+    train(tmp_path, "--steps", "4", "--save-every", "2", "--stop-at", "2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a line torn by a kill mid-write must not block a resume
+    before = _snapshot(tmp_path)
+    proc = train(tmp_path, "--steps", "4", "--save-every", "2", "--resume", "--set", "model.hidden_size=32",
+                 wait=False)  # fmt: skip
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "model.hidden_size" in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+    train(tmp_path, "--steps", "4", "--save-every", "2", "--resume")
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    proc = train(tmp_path, "--steps", "10", "--save-every", "1", "--set", "optim.lr=1e30", "--set",
+                 "optim.warmup_steps=0", wait=False)  # fmt: skip
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    step = int(re.search(r"step (\d+): the loss .* is not finite", err).group(1))
+    assert "Traceback" not in err and "exported nothing" in err
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and last.name == f"step-{step - 1:06d}" and str(last) in err
+    assert "model" in torch.load(last / "rank-00000.pt", weights_only=False)
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from longmoe.errors import TrainError
+    from longmoe.train import loop
+
+    cfg = load_config("tiny", [*SMALL, "steps=4", "save_every=2"])
+    trainer = loop.Trainer(cfg, tmp_path, quiet=True)
+    real, calls = loop._atomic_torch_save, [0]
+
+    def fills_up(obj, path):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(loop, "_atomic_torch_save", fills_up)
+    with pytest.raises(TrainError, match=r"step 4 .* failed: the disk is full; the previous checkpoint .*step-000002 "
+                       r"is intact"):  # fmt: skip
+        trainer.train()
+    trainer.close()
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))  # the half-written one is gone

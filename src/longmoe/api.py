@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .checkpoint import Checkpoint, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
-from .engine.engine import Engine, SamplingParams, Sequence
+from .engine.engine import Engine, SamplingParams, Sequence, check_options
 from .model import ModelConfig, Transformer
+from .sysinfo import cpu_name
 from .tokenizer import Tokenizer
 
 
@@ -69,11 +71,25 @@ class Model:
         return self.tokenizer.encode(text)
 
     def count_tokens(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"count_tokens takes text (str), got {type(text).__name__}")
         return len(self.encode(text))
 
     def submit(self, prompt: str | list[int], **params: Any) -> Sequence:
         """Queue a request on the engine (see SamplingParams for the options) and return its sequence."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)  # the engine checks they are in-vocabulary ints
+        else:
+            hint = " (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise TypeError(f"a prompt is text (str) or token ids (list of int), got {type(prompt).__name__}{hint}")
+        stop = params.get("stop")
+        if isinstance(stop, str):
+            params["stop"] = [stop]  # one stop string, not its characters
+        unknown = sorted(set(params) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {', '.join(unknown)}")
         return self.engine.submit(ids, SamplingParams(**params))
 
     def generate(
@@ -84,16 +100,17 @@ class Model:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        stop: list[str] | None = None,
+        stop: str | list[str] | None = None,
         logprobs: bool = False,
     ) -> Generation:
         """Continue `prompt` (raw text, no chat template; or token ids). temperature 0 is greedy decoding; `stop`
-        sequences end generation and are cut from the text."""
+        sequences end generation and are cut from the text. Raises what made the request fail, if anything did."""
         seq = self.submit(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop=list(stop or []), logprobs=logprobs,
+            stop=stop or [], logprobs=logprobs,
         )  # fmt: skip
         self.engine.run(seq)
+        seq.raise_error()
         return Generation(
             text=seq.text,
             token_ids=list(seq.output),
@@ -112,7 +129,7 @@ class Model:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        stop: list[str] | None = None,
+        stop: str | list[str] | None = None,
     ) -> TextStream:
         """Iterate over the generated text piece by piece as tokens arrive (never splitting a UTF-8 character,
         never showing text that a stop sequence later removes). `.sequence` has usage and timings afterwards;
@@ -121,7 +138,7 @@ class Model:
             raise CheckpointError(f"{self.checkpoint.path} has no tokenizer.json; streaming text needs one")
         seq = self.submit(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop=list(stop or []),
+            stop=stop or [],
         )  # fmt: skip
         return TextStream(self.engine, seq)
 
@@ -129,10 +146,11 @@ class Model:
         c = self.config
         total, active = self.module.num_parameters()
         dtype = self.module.embed_tokens.weight.dtype
+        dtype_name = str(dtype).removeprefix("torch.")
         return {
             "path": str(self.checkpoint.path),
             "model_type": self.checkpoint.hub_config.get("model_type"),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name,
             "parameters_total": total,
             "parameters_active_per_token": active,
             "layers": c.num_layers,
@@ -145,6 +163,10 @@ class Model:
             "kv_bytes_per_token": c.kv_bytes_per_token(dtype.itemsize),
             "max_context": c.max_position_embeddings,
             "vocab_size": c.vocab_size,
+            "device": str(self.module.embed_tokens.weight.device),
+            "cpu": cpu_name(),
+            "kernels": kernels.status() if dtype == torch.bfloat16 else f"PyTorch ops ({dtype_name} model; the CPU "
+                       "kernels are for bf16)",  # fmt: skip
         }
 
     def save(self, out: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -165,21 +187,29 @@ class TextStream:
                 if piece:
                     yield piece
                 if done:
+                    seq.raise_error()
                     return
                 if engine.background:
                     seq.wait(0.05)
                 else:
                     engine.step()
         finally:
-            if not seq.finished:
-                engine.cancel(seq)
+            if not seq.finished:  # left early, or interrupted: end it and free its KV
+                engine.abandon(seq)
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "auto", **engine_options: Any) -> Model:
+def load(
+    path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", **engine_options: Any
+) -> Model:
     """Load a model directory (transformers format: config.json, *.safetensors, tokenizer.json; or native longmoe).
-    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16". engine_options go to `Engine`
-    (kv_dtype="fp8", chunk_size, block_size, kv_memory, max_batch_tokens, max_seqs)."""
-    ckpt = load_checkpoint(path, dtype)
+    dtype: "auto" (the checkpoint's; float32 on a CPU without bf16/fp16 instructions), "float32", "bfloat16" or
+    "float16". device: "cpu", "cuda", "cuda:1", ... engine_options go to `Engine` (kv_dtype="fp8", chunk_size,
+    block_size, kv_memory, max_batch_tokens, max_seqs, max_context) and are checked here, before the weights are
+    read."""
+    check_options(**engine_options)
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"load() takes a model directory path, got {type(path).__name__}")
+    ckpt = load_checkpoint(path, dtype, device=device)
     tok_path = Path(path) / "tokenizer.json"
     tokenizer = Tokenizer(tok_path) if tok_path.exists() else None
     return Model(ckpt, tokenizer, **engine_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--chunk-size", type=int, default=2048, metavar="N", help="prefill chunk in tokens (default: %(default)s)"
     )
+    g.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="accept prompts + new tokens up to N tokens (default: the model's context)")  # fmt: skip
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--stats", action="store_true", help="print token counts and timings to stderr at the end")
     _dtype_arg(g)
 
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
     t.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true", help="discard a run already in --out and start afresh")
     t.add_argument("--quiet", action="store_true", help="no progress line")
 
     e = sub.add_parser(
@@ -101,14 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json sizing contexts for --openai-url targets")
     tg.add_argument("--concurrency", type=int, default=4, metavar="N", help="parallel requests to an endpoint (4)")
     tg.add_argument("--retries", type=int, default=5, metavar="N", help="retries of transient errors (5)")
-    common.add_argument(
-        "--lengths",
-        type=_int_list,
-        default=[1000, 2000, 4000],
-        metavar="N,N,...",
-        help="context lengths in the target's tokens (default: 1000,2000,4000)",
-    )
-    common.add_argument("--samples", type=int, default=1, metavar="N", help="tasks per grid cell (default: 1)")
+    common.add_argument("--lengths", type=_int_list, default=None, metavar="N,N,...",
+                        help="context lengths in the target's tokens (default: 1000,2000,4000; ruler: "
+                        "4096,8192,16384,32768,65536,131072, each counting the prompt and the answer)")
+    common.add_argument("--samples", type=int, default=None, metavar="N",
+                        help="tasks per grid cell (default: 1; ruler: 25)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--out", required=True, metavar="DIR", help="results directory (results.json, plots)")
     common.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -125,11 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="needle depths in percent of the context (default: 0,25,50,75,100)",
     )
     n.add_argument("--needles", type=int, default=1, metavar="K", help="plant K needles and ask for all of them")
-    n.add_argument("--haystack", metavar="PATH", help="a text file, or a directory of source code (a code haystack);"
-                   " default: the English documentation that ships with Python")  # fmt: skip
+    n.add_argument("--ask-each", action="store_true",
+                   help="with --needles K: ask for each needle in its own request over the same context")
+    n.add_argument("--haystack", metavar="NAME|PATH",
+                   help="python-docs (default: the English docs shipped with Python), perl-docs, perl-code (held "
+                   "out from the bundled model's training), a text file, or a directory of source code")
     n.add_argument("--needle", default="The special magic {city} number is: {value}.", help="needle template")
     n.add_argument("--question", default="What is the special magic {city} number?", help="question template")
     n.add_argument("--answer-prefix", default="The special magic {city} number is:", help="answer prefix template")
+    n.add_argument("--ending", default="answer-prefix", choices=["answer-prefix", "question"],
+                   help="how the prompt ends: with the answer prefix (default) or the question alone")
     n.add_argument("--max-tokens", type=int, default=32, metavar="N", help="answer length limit (32)")
 
     r = esub.add_parser("ruler", parents=[common], help="RULER tasks (no downloads) and the effective length",
@@ -164,20 +171,31 @@ def _version() -> str:
     return f"longmoe {__version__}"
 
 
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import longmoe
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        prompt = _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    else:  # arguments that are not UTF-8 arrive as surrogate escapes
+        prompt = _utf8(os.fsencode(args.prompt), "--prompt")
     parts = []
     for f in args.context_file:
-        try:
-            parts.append(open(f, encoding="utf-8").read())
-        except UnicodeDecodeError:
-            raise ValueError(f"--context-file {f}: not UTF-8 text") from None
+        with open(f, "rb") as fh:
+            parts.append(_utf8(fh.read(), f"--context-file {f}"))
     prompt = "\n\n".join(parts + [prompt])
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    model = longmoe.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, chunk_size=args.chunk_size)
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context must be >= 1, got {args.max_context}")
+    model = longmoe.load(args.model, dtype=args.dtype, device=args.device, kv_dtype=args.kv_dtype,
+                         chunk_size=args.chunk_size, max_context=args.max_context)  # fmt: skip
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")  # model text is UTF-8 whatever the locale says
     t0 = time.perf_counter()
@@ -218,9 +236,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"steps={args.steps}")
     if args.save_every is not None:
         overrides.append(f"save_every={args.save_every}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{Path(args.config).stem}")
-    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
+    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     try:
         trainer.train(stop_at=args.stop_at)
     finally:
@@ -261,9 +281,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.eval_command is None:
         raise ValueError("choose an evaluation: longmoe eval niah|ruler|nll --help")
+    from .eval.ruler import DEFAULT_LENGTHS, DEFAULT_SAMPLES
+
+    if args.lengths is None:
+        args.lengths = list(DEFAULT_LENGTHS) if args.eval_command == "ruler" else [1000, 2000, 4000]
+    if args.samples is None:
+        args.samples = DEFAULT_SAMPLES if args.eval_command == "ruler" else 1
     chosen = [x for x in (args.model, args.gemini_url, args.openai_url) if x]
     if len(chosen) != 1:
         raise ValueError("give exactly one target: --model DIR, --gemini-url URL or --openai-url URL")
+    for name, low in (("samples", 1), ("retries", 0), ("concurrency", 1), ("max_tokens", 1)):
+        if getattr(args, name, low) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.gemini_url or args.openai_url:
         if not args.model_name:
             raise ValueError("--model-name is required with an endpoint (e.g. --model-name gemini-1.5-pro)")
@@ -310,19 +339,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .checkpoint import CheckpointError
-    from .engine.planner import MemoryPlanError
-    from .eval.targets import TargetError
-    from .model import ConfigError
+    from .errors import LongmoeError
 
     try:
         commands = {"generate": cmd_generate, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}
         return commands[args.command](args)
-    except (CheckpointError, ConfigError, MemoryPlanError, TargetError, ValueError, OSError) as e:
-        print(f"longmoe {args.command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `longmoe generate ... | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (LongmoeError, ValueError, TypeError, OSError) as e:
+        if os.environ.get("LONGMOE_DEBUG"):
+            raise
+        # bad input: one line naming the problem (LONGMOE_DEBUG=1 shows the traceback)
+        print(f"longmoe {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ its seed.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+
+from .corpora import python_docs_text
 
 CITIES = (
     "Tokyo Delhi Shanghai Cairo Mumbai Beijing Dhaka Osaka Karachi Istanbul Kinshasa Lagos Manila Tianjin Lima "
@@ -44,7 +48,7 @@ class Task:
     meta: dict = field(default_factory=dict)
 
     def prompt(self) -> str:
-        return f"{self.context}\n{self.question} {self.answer_prefix}"
+        return f"{self.context}\n{self.question}" + (f" {self.answer_prefix}" if self.answer_prefix else "")
 
     def score(self, output: str) -> float:
         """Share of expected answers found in the output (RULER's string_match_all; LWM's exact match)."""
@@ -54,14 +58,6 @@ class Task:
 def split_sentences(text: str) -> list[str]:
     text = re.sub(r"\s+", " ", text)
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text) if len(s.strip()) > 1]
-
-
-@lru_cache(maxsize=1)
-def python_docs_text() -> tuple[str, ...]:
-    """English documentation text shipped with CPython (pydoc_data.topics): ~460K characters, 90 topics."""
-    import pydoc_data.topics
-
-    return tuple(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
 
 @lru_cache(maxsize=4)
@@ -93,15 +89,35 @@ def fill(sentences: Sequence[str], budget: int, count: CountFn, rng: random.Rand
     return out
 
 
-def place(sentences: list[str], inserts: list[tuple[float, str]]) -> tuple[str, list[float]]:
-    """Insert texts at depth fractions, each at a sentence boundary (the needle is moved back to the boundary
-    before its depth, as in Kamradt's harness). Returns the text and each insert's actual depth in characters."""
+def place(
+    sentences: list[str], inserts: list[tuple[float, str]], count: CountFn | None = None, sep: str = " "
+) -> tuple[str, list[float]]:
+    """Insert texts at depth fractions, each at a unit (sentence or line) boundary: the last boundary at or before
+    the depth, so a needle is moved back, never forward (as in Kamradt's harness). With `count` (the target's
+    tokenizer) depths are token depths, else character depths. Returns the text and each insert's actual depth."""
+    measure = count or len
+    ends = list(itertools.accumulate(len(x) + len(sep) for x in sentences))  # character offset after each unit
+
+    def boundary(d: float) -> int:
+        if count is None:  # characters: a direct lookup
+            return bisect.bisect_right(ends, d * (ends[-1] if ends else 0))
+        total = measure(sep.join(sentences))
+        lo, hi = 0, len(sentences)  # the largest i whose prefix has at most d x total tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if measure(sep.join(sentences[:mid])) <= d * total:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     parts = list(sentences)
-    slots = sorted(((round(d * len(sentences)), j, text) for j, (d, text) in enumerate(inserts)), reverse=True)
+    slots = sorted(((boundary(d), j, text) for j, (d, text) in enumerate(inserts)), reverse=True)
     for idx, _, text in slots:
         parts.insert(idx, text)
-    out = " ".join(parts)
-    depths = [out.find(text) / max(len(out), 1) for _, text in inserts]
+    out = sep.join(parts)
+    total = max(measure(out), 1)
+    depths = [measure(out[: out.find(text)]) / total for _, text in inserts]
     return out, depths
 
 
@@ -135,19 +151,22 @@ def _draw_needles(
     return needles, Task("", q, prefix, answers, meta={"kind": "niah", "keys": keys, "values": values, "facts": facts})
 
 
-def _plant(rng: random.Random, sentences: list[str], needles: list[str], task: Task, depth: float | None) -> Task:
+def _plant(rng: random.Random, sentences: list[str], needles: list[str], task: Task, depth: float | None,
+           count: CountFn | None = None, sep: str = " ") -> Task:  # fmt: skip
     first = rng.random() if depth is None else depth
     depths = [first] + [rng.random() for _ in needles[1:]]
-    context, actual = place(sentences, list(zip(depths, needles)))
+    context, actual = place(sentences, list(zip(depths, needles)), count, sep)
     return replace(task, context=context, depth=actual[0])
 
 
-def needle_task_from(rng: random.Random, sentences: list[str], *, depth: float | None = None, **kw) -> Task:
+def needle_task_from(rng: random.Random, sentences: list[str], *, depth: float | None = None,
+                     count: CountFn | None = None, sep: str = " ", **kw) -> Task:  # fmt: skip
     """Plant `keys` cities (each with `values` numbers) plus `distractors` other cities in the given haystack
-    sentences; ask for `queries` of the planted cities (keyword arguments of `_draw_needles`). depth: where the
-    first needle goes (fraction of the haystack), random if None; further needles go to random depths."""
+    sentences (joined by `sep`); ask for `queries` of the planted cities (keyword arguments of `_draw_needles`).
+    depth: where the first needle goes (fraction of the haystack, in tokens by `count` if given), random if None;
+    further needles go to random depths."""
     needles, task = _draw_needles(rng, **kw)
-    return _plant(rng, sentences, needles, task, depth)
+    return _plant(rng, sentences, needles, task, depth, count, sep)
 
 
 def needle_task(rng: random.Random, n_tokens: int, count: CountFn, *, haystack: Sequence[str] | None = None,

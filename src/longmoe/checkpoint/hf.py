@@ -21,7 +21,7 @@ import torch
 from ..model.config import ConfigError, ModelConfig
 from ..model.rope import yarn_mscale
 from ..model.transformer import Transformer
-from ..sysinfo import available_memory, fmt_gib
+from ..sysinfo import available_memory, cpu_computes, fmt_gib
 from .safetensors_io import (
     CheckpointError,
     SafetensorsFile,
@@ -375,9 +375,14 @@ def read_hub_config(path: Path) -> tuple[dict[str, Any], str]:
     return hub, model_type
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool = True) -> Checkpoint:
-    """Load a transformers-format (or native longmoe) directory, memory-mapped where no conversion is needed."""
+def load(
+    path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool = True, device: str = "cpu"
+) -> Checkpoint:
+    """Load a transformers-format (or native longmoe) directory, memory-mapped where no conversion is needed.
+    dtype "auto" is the checkpoint's own, except float32 on a CPU without native bf16 / fp16 matmuls; the model
+    ends up on `device`."""
     path = Path(path)
+    device = _check_device(device)
     hub, model_type = read_hub_config(path)
     family = FAMILIES[model_type]
     try:
@@ -391,6 +396,8 @@ def load(path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool
         for name, ref in SafetensorsFile(f).tensors.items():
             refs[name] = ref
     target = _resolve_dtype(dtype, hub, refs)
+    if dtype == "auto" and device.type == "cpu" and not cpu_computes(str(target).removeprefix("torch.")):
+        target = torch.float32  # a bf16 checkpoint on a CPU with no bf16 instructions: compute in fp32
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -400,7 +407,7 @@ def load(path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool
 
     needed = sum(t.numel() for t in expected.values()) * target.itemsize
     if check_memory:
-        free = available_memory()
+        free = available_memory(str(device))
         if needed > free:
             raise CheckpointError(
                 f"{path}: the model needs {fmt_gib(needed)} of memory as {str(target).removeprefix('torch.')}, "
@@ -442,9 +449,23 @@ def load(path: str | Path, dtype: str | torch.dtype = "auto", check_memory: bool
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers("cpu")
+    if device.type != "cpu":
+        model.to(device)
+    model.reset_buffers(device)
     model.eval()
     return Checkpoint(model, config, path, hub, sources, _generation_config(path, hub))
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here; use device='cpu'")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: longmoe runs on cpu or cuda")
+    return d
 
 
 def _ignorable(ours: str, config: ModelConfig) -> bool:
@@ -525,8 +546,15 @@ def _generation_config(path: Path, hub: dict) -> dict[str, Any]:
     if f.exists():
         try:
             gen = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{f}: expected a JSON object, got {type(gen).__name__}")
+        eos = gen.get("eos_token_id")
+        ok = eos is None or (isinstance(eos, int) and not isinstance(eos, bool)) or (
+            isinstance(eos, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in eos))  # fmt: skip
+        if not ok:
+            raise CheckpointError(f"{f}: eos_token_id must be a token id or a list of them, got {eos!r}")
     for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
         if gen.get(k) is None and hub.get(k) is not None:
             gen[k] = hub[k]

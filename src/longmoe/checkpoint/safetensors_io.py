@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LongmoeError
+
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -32,7 +34,7 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(Exception):
+class CheckpointError(LongmoeError):
     """A checkpoint that cannot be read or does not match its config; the message names the file and the fix."""
 
 
@@ -104,6 +106,10 @@ class SafetensorsFile:
                     " download or copy it again"
                 )
             self.tensors[name] = TensorRef(self, name, dtype, shape, start, end)
+        spans = sorted((r.start, r.end, r.name) for r in self.tensors.values() if r.nbytes)
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise self._error(f"has overlapping tensors: {a!r} and {b!r} share bytes (corrupt header)")
 
     def _error(self, msg: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {msg}")

@@ -21,11 +21,12 @@ from itertools import count
 
 import torch
 
+from ..errors import LongmoeError
 from ..model import Transformer
 from ..model.config import ModelConfig
 from ..sysinfo import available_memory, fmt_gib
 from ..tokenizer import Detokenizer, Tokenizer
-from .kv_cache import PagedKVCache, Row, block_hashes
+from .kv_cache import OutOfBlocks, PagedKVCache, Row, block_hashes
 from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
 
@@ -41,6 +42,29 @@ def _malloc_trim() -> None:
         _LIBC.malloc_trim(0)
 
 
+class ContextLengthError(LongmoeError, ValueError):
+    """A request longer than the model's context; the message has both lengths and the way out."""
+
+
+def check_options(**options) -> None:
+    """Validate engine options (the keyword arguments of `Engine`, which `longmoe.load` passes through) before any
+    work, naming the option: an unknown name, a wrong type or an impossible value."""
+    known = {"kv_dtype", "block_size", "chunk_size", "max_batch_tokens", "kv_memory", "max_seqs", "max_context"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    kv = options.get("kv_dtype", "auto")
+    if kv not in ("auto", "fp8"):
+        raise ValueError(f"kv_dtype {kv!r} is not one of auto, fp8")
+    for name, v in options.items():
+        if name == "kv_dtype" or (v is None and name in ("max_batch_tokens", "kv_memory", "max_context")):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"engine option {name} must be an integer, got {v!r}")
+        if v < 1:
+            raise ValueError(f"engine option {name} must be >= 1, got {v}")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -54,9 +78,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
+        """TypeError / ValueError naming the setting; called by `Engine.submit` before anything is queued."""
         validate_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError("stop must be a list of strings")
+            raise TypeError(f"stop must be a list of strings, got {self.stop!r}")
+        for name in ("logprobs", "prompt_logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -81,7 +111,8 @@ class Sequence:
         self.committed = 0  # blocks already offered to the prefix cache
         self.released: dict[str, int] = {}  # local kinds: blocks before this index are released
         self.reserved: dict[str, int] = {}  # blocks still reserved but not yet allocated, per kind
-        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.error: BaseException | None = None  # why the request failed (finish_reason "error")
         self.timings = Timings()
         self.cancelled = False
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -105,6 +136,11 @@ class Sequence:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
+    def raise_error(self) -> None:
+        """Re-raise the exception that ended this request, if one did."""
+        if self.error is not None:
+            raise self.error
+
 
 @dataclass
 class Pin:
@@ -126,15 +162,20 @@ class Engine:
         max_batch_tokens: int | None = None,
         kv_memory: int | None = None,
         max_seqs: int = 16,
+        max_context: int | None = None,
     ):
+        check_options(kv_dtype=kv_dtype, block_size=block_size, chunk_size=chunk_size,
+                      max_batch_tokens=max_batch_tokens, kv_memory=kv_memory, max_seqs=max_seqs,
+                      max_context=max_context)  # fmt: skip
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.config: ModelConfig = model.config
         self.kv_dtype, self.block_size, self.chunk_size = kv_dtype, block_size, chunk_size
         self.max_batch_tokens = max_batch_tokens or chunk_size
+        # Longest prompt + generation accepted: the model's trained context unless the caller opts into more
+        # (e.g. with RoPE scaling, or a NoPE global layer that has no position limit).
+        self.max_context = max_context or self.config.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        if kv_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of auto, fp8")
 
         # Local (sliding / chunked) layers get fixed pools: a window per possible sequence. Full layers get the rest
         # of the budget: what is free now minus a chunk's working memory (weights are already loaded or mapped), by
@@ -181,33 +222,56 @@ class Engine:
     # requests
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Queue a request. Fails at once (MemoryPlanError) when it could never fit in the KV cache."""
+        """Queue a request. Fails at once, before anything is queued, on a bad prompt or setting (TypeError /
+        ValueError), a prompt beyond the model's context (ContextLengthError) or one that could never fit in the KV
+        cache (MemoryPlanError)."""
         params = params or SamplingParams()
         params.validate()
+        prompt = self._check_prompt(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop sequences need a tokenizer")
+        self.check_fits(len(prompt) + params.max_new_tokens, new=params.max_new_tokens)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None
+        return self._enqueue(Sequence(next(self._ids), prompt, params, detok))
+
+    def _check_prompt(self, prompt: list[int]) -> list[int]:
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"a prompt is a list of token ids, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("the prompt is empty (no tokens); give at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+            raise TypeError(f"token ids must be integers, got {type(bad).__name__} {bad!r}")
         V = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop sequences need a tokenizer")
-        self.check_fits(len(prompt) + params.max_new_tokens)
-        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None
-        seq = Sequence(next(self._ids), list(prompt), params, detok)
+        return list(prompt)
+
+    def _enqueue(self, seq: Sequence) -> Sequence:
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
         return seq
 
-    def check_fits(self, tokens: int) -> None:
-        """The memory planner's verdict for one sequence of `tokens` (prompt + new tokens)."""
+    def check_fits(self, tokens: int, new: int = 0) -> None:
+        """Refuse, with the numbers, a sequence of `tokens` (prompt + `new` tokens to generate) that is longer than
+        the model's context or whose KV cache cannot fit."""
+        if tokens > self.max_context:
+            prompt = tokens - new
+            what = f"the prompt is {prompt:,} tokens" + (f" + {new:,} to generate" if new else "")
+            raise ContextLengthError(
+                f"{what}; this model's context is {self.max_context:,} tokens. Shorten the prompt"
+                + (" or max_new_tokens" if new else "")
+                + ", or load with max_context=N to go beyond what the model was trained for (e.g. with RoPE scaling)"
+            )
         need = kv_bytes(self.config, tokens, self.kv_dtype, self.dtype, self.chunk_size, self.block_size)
         if need > self.kv_budget:
+            fp8 = "" if self.kv_dtype == "fp8" else ", use kv_dtype='fp8' (half the bytes of bf16)"
             raise MemoryPlanError(
                 f"a {tokens:,}-token sequence needs {fmt_gib(need)} of KV cache ({self.kv_dtype_name}), "
-                f"{fmt_gib(max(self.kv_budget, 0))} free for it; shorten the prompt or max_new_tokens, "
-                "use kv_dtype='fp8' (half the bytes of bf16), or free memory"
+                f"{fmt_gib(max(self.kv_budget, 0))} free for it; shorten the prompt or max_new_tokens{fp8}, "
+                "or free memory"
             )
 
     def memory_plan(self, tokens: int) -> MemoryPlan:
@@ -224,9 +288,21 @@ class Engine:
         return "fp8-e4m3" if self.kv_dtype == "fp8" else str(self.dtype).removeprefix("torch.")
 
     def cancel(self, seq: Sequence) -> None:
+        """Ask for `seq` to end (finish_reason "cancelled"); its KV blocks are freed at the next step."""
         seq.cancelled = True
         with self._wake:
             self._wake.notify()
+
+    def _drop(self, seq: Sequence) -> None:
+        """End `seq` now, wherever it is (inbox, waiting, running), freeing everything it holds."""
+        with self._lock:
+            with self._wake:
+                if seq in self._inbox:
+                    self._inbox.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            if not seq.finished:
+                self._finish(seq, "cancelled")
 
     # ------------------------------------------------------------------------------------------------------------
     # pinned, named prefixes (context caching)
@@ -234,17 +310,15 @@ class Engine:
     def pin(self, name: str, prompt: list[int], ttl: float) -> Sequence:
         """Compute `prompt`'s KV and keep its full blocks cached under `name` for `ttl` seconds. Any request whose
         prompt starts with these tokens reuses them. Returns the prefill sequence (wait on it)."""
-        if ttl <= 0:
-            raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
-        params = SamplingParams(max_new_tokens=0)
-        params.validate()
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a pin's name is a non-empty string, got {name!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+            raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
+        prompt = self._check_prompt(prompt)
         self.check_fits(len(prompt))
-        seq = Sequence(next(self._ids), list(prompt), params, None)
+        seq = Sequence(next(self._ids), prompt, SamplingParams(max_new_tokens=0), None)
         seq._pin = (name, ttl)
-        with self._wake:
-            self._inbox.append(seq)
-            self._wake.notify()
-        return seq
+        return self._enqueue(seq)
 
     def unpin(self, name: str) -> bool:
         with self._lock:
@@ -291,23 +365,50 @@ class Engine:
             decoding = [s for s in self.running if s.num_computed == len(s.tokens) - 1 and len(s.output)]
             budget = self.max_batch_tokens
             if decoding:
-                self._decode(decoding)
+                self._guarded(decoding, self._decode, decoding)
                 budget -= len(decoding)
             prefilled = False
             for seq in [s for s in self.running if s.num_computed < len(s.prompt)]:
-                while budget > 0 and seq.num_computed < len(seq.prompt):
-                    budget -= self._prefill_chunk(seq, min(budget, self.chunk_size))
+                while budget > 0 and seq.num_computed < len(seq.prompt) and not seq.finished:
+                    budget -= self._guarded([seq], self._prefill_chunk, seq, min(budget, self.chunk_size)) or 0
                     prefilled = True
                 if budget <= 0:
                     break
             if prefilled:
                 _malloc_trim()
 
+    def _guarded(self, seqs: list[Sequence], fn, *args):
+        """Run one piece of a step; if it raises, end exactly the requests it was working for with that error
+        (the caller re-raises it) and carry on with the others: one bad request never stops the engine."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if isinstance(e, OutOfBlocks):
+                e = MemoryPlanError(f"the KV cache ran out of blocks ({e}); retry, or lower concurrent load")
+            for seq in seqs:
+                if not seq.finished:
+                    seq.error = e
+                    self._finish(seq, "error")
+            return None
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Last resort of the background loop: end every request with `error`, keep the engine usable."""
+        with self._lock:
+            with self._wake:
+                self.waiting.extend(self._inbox)
+                self._inbox.clear()
+            for seq in list(self.running) + list(self.waiting):
+                if not seq.finished:
+                    seq.error = error
+                    self._finish(seq, "error")
+            self.waiting.clear()
+
     def _admit(self) -> None:
         """Move waiting sequences to running, FIFO, while their worst-case KV blocks can be reserved."""
         while self.waiting:
             seq = self.waiting[0]
-            hit = self._match_prefix(seq)
+            # Scoring computes every position it reports (as vLLM does for prompt log-probs): no prefix reuse.
+            hit = {} if seq.params.prompt_logprobs else self._match_prefix(seq)
             total = len(seq.prompt) + seq.params.max_new_tokens
             need = {}
             for kind, pool in self.cache.pools.items():
@@ -383,15 +484,16 @@ class Engine:
                 seq.released[kind] = max(keep_from, seq.released.get(kind, 0))
         seq.committed = full
 
-    def _forward(self, rows: list[tuple[Sequence, int, int]], last_only: bool) -> torch.Tensor:
-        """Run tokens [start, start + n) of each sequence through the model; rows share n. Returns logits."""
+    def _forward(self, rows: list[tuple[Sequence, int, int]], outputs: int | None) -> torch.Tensor:
+        """Run tokens [start, start + n) of each sequence through the model; rows share n. Returns the logits of
+        the last `outputs` positions of each row (None: all)."""
         for seq, start, n in rows:
             self._ensure_blocks(seq, start + n)
         self.cache.prepare([Row(seq.tables, start, n) for seq, start, n in rows])
         ids = torch.tensor([seq.tokens[start : start + n] for seq, start, n in rows], device=self.device)
         pos = torch.tensor([list(range(start, start + n)) for _, start, n in rows], device=self.device)
         with torch.inference_mode():
-            logits = self.model(ids, pos, cache=self.cache, last_only=last_only).logits
+            logits = self.model(ids, pos, cache=self.cache, outputs=outputs).logits
         for seq, start, n in rows:
             seq.num_computed = start + n
             self._after_compute(seq)
@@ -403,10 +505,12 @@ class Engine:
         n = min(budget, len(seq.prompt) - start)
         last = start + n == len(seq.prompt)
         want_all = seq.params.prompt_logprobs
-        logits = self._forward([(seq, start, n)], last_only=not want_all)[0]  # [n or 1, V]
+        # logits only where they are used: every position when scoring, else the prompt's last token (a middle chunk
+        # needs none, and the model then skips its last layer's attention and FFN there)
+        logits = self._forward([(seq, start, n)], outputs=None if want_all else int(last))[0]  # [n, 1 or 0, V]
         if want_all:
             lp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(seq.prompt[start + 1 : start + n + 1])
+            targets = torch.tensor(seq.prompt[start + 1 : start + n + 1], device=lp.device)
             seq.prompt_logprobs += lp[: len(targets)].gather(1, targets[:, None])[:, 0].tolist()
         seq.timings.prefill_seconds += time.perf_counter() - t0
         if last:
@@ -415,7 +519,7 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
-        logits = self._forward([(s, s.num_computed, 1) for s in seqs], last_only=True)[:, -1]  # [B, V]
+        logits = self._forward([(s, s.num_computed, 1) for s in seqs], outputs=1)[:, -1]  # [B, V]
         dt = (time.perf_counter() - t0) / len(seqs)
         for seq, row in zip(seqs, logits):
             seq.timings.decode_seconds += dt
@@ -442,7 +546,7 @@ class Engine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq._pin is not None and reason != "cancelled":
+        if seq._pin is not None and reason not in ("cancelled", "error"):
             self._register_pin(seq)
         for kind, table in seq.tables.items():
             for b in table:
@@ -452,6 +556,8 @@ class Engine:
         seq.reserved = {}
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         with seq._lock:
             if seq.detok:
                 seq.detok.flush()
@@ -475,12 +581,25 @@ class Engine:
     # driving
 
     def run(self, seq: Sequence) -> None:
-        """Return once `seq` has finished: step the engine here, or wait for the background thread."""
-        while not seq.finished:
-            if self.background:
-                seq.wait(0.5)
-            else:
-                self.step()
+        """Return once `seq` has finished: step the engine here, or wait for the background thread. If this is
+        interrupted (Ctrl-C), `seq` is ended and its KV freed before the interrupt propagates."""
+        try:
+            while not seq.finished:
+                if self.background:
+                    seq.wait(0.5)
+                else:
+                    self.step()
+        except BaseException:
+            self.abandon(seq)
+            raise
+
+    def abandon(self, seq: Sequence) -> None:
+        """The caller has gone (Ctrl-C, a closed stream): end `seq` and free its KV: now when driving the engine
+        here, at the background thread's next step otherwise (never blocking on a step in progress)."""
+        if self.background:
+            self.cancel(seq)
+        else:
+            self._drop(seq)
 
     def start(self) -> None:
         """Drive the engine from a background thread (for servers)."""
@@ -497,12 +616,19 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
+        # Lock order is _lock before _wake everywhere (step, _drop): the wait below holds _wake alone.
         while True:
             with self._wake:
-                while not self._stop and not self.has_work():
+                if not self._stop and not self.has_work():
                     self._wake.wait(timeout=1.0)
-                    with self._lock:
-                        self._expire_pins()  # idle pins still time out
                 if self._stop:
                     return
-            self.step()
+                idle = not self.has_work()
+            try:
+                if idle:
+                    with self._lock:
+                        self._expire_pins()  # idle pins still time out
+                else:
+                    self.step()
+            except Exception as e:  # a bug outside any one request: fail what is in flight, keep serving
+                self._fail_all(e)

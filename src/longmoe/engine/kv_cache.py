@@ -128,7 +128,7 @@ class PagedKVCache:
     ):
         if kv_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of auto, fp8")
-        self.config, self.block_size, self.dtype = config, block_size, dtype
+        self.config, self.block_size, self.dtype, self.device = config, block_size, dtype, torch.device(device)
         self.storage_dtype = FP8 if kv_dtype == "fp8" else dtype
         self.kind_of = list(config.layer_types)
         self.index_in_kind = [self.kind_of[:i].count(k) for i, k in enumerate(self.kind_of)]
@@ -164,7 +164,9 @@ class PagedKVCache:
         for r in rows:
             positions = range(r.start, r.start + r.length)
             for kind, table in r.tables.items():
-                r.slots[kind] = torch.tensor([table[p // bs] * bs + p % bs for p in positions], dtype=torch.long)
+                r.slots[kind] = torch.tensor(
+                    [table[p // bs] * bs + p % bs for p in positions], dtype=torch.long, device=self.device
+                )
             if "full" in r.tables:
                 # Runs of keys every query sees in full: the cached prefix, plus the new token itself when there is
                 # one (decode), which then needs no separate causal call.
@@ -217,7 +219,8 @@ class PagedKVCache:
         chunk: int = 0,
     ) -> torch.Tensor:
         """Store this step's keys/values for `layer` and attend each row's queries over everything it has cached.
-        q [B, H, T, D]; k, v [B, Hkv, T, D] (v may be k itself: MLA values are part of the cached keys)."""
+        q [B, H, Tq, D]: the queries of the last Tq of this step's T tokens (Tq = 0: store only); k, v [B, Hkv, T, D]
+        (v may be k itself: MLA values are part of the cached keys)."""
         kind, li = self.kind_of[layer], self.index_in_kind[layer]
         shared = v is k
         bs = self.block_size
@@ -228,10 +231,12 @@ class PagedKVCache:
             self._store(kind, li, 0, slots, kb)
             if not shared:
                 self._store(kind, li, 1, slots, vb)
+            if q.shape[2] == 0:
+                continue
             if kind == "full":
                 result = None
-                if r.length > 1:
-                    result = sdpa(qb, kb[None], vb[None], causal=True, scale=scale)  # this step's tokens, causally
+                if r.length > 1:  # this step's tokens, causally (queries are their tail)
+                    result = attend_span(qb, kb[None], vb[None], end=r.length, scale=scale)
                 for start, n in r.runs:  # cached prefix: every query sees all of it, merged span by span
                     for a in range(start, start + n, SPAN):
                         b_end = min(a + SPAN, start + n)
@@ -246,7 +251,9 @@ class PagedKVCache:
             else:  # local layers: the visible prefix is at most one window, gathered then attended with its mask
                 lo = self.first_needed(kind, r.start)
                 table = r.tables[kind]
-                old = torch.tensor([table[p // bs] * bs + p % bs for p in range(lo, r.start)], dtype=torch.long)
+                old = torch.tensor(
+                    [table[p // bs] * bs + p % bs for p in range(lo, r.start)], dtype=torch.long, device=self.device
+                )
                 kk = torch.cat([self._load(kind, li, 0, old), kb], dim=1)
                 vv = kk if shared else torch.cat([self._load(kind, li, 1, old), vb], dim=1)
                 end = r.start + r.length

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LongmoeError
 from ..model.config import ModelConfig
 from ..sysinfo import fmt_gib
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(LongmoeError, RuntimeError):
     """Work that cannot fit in memory; the message has the numbers and what to change."""
 
 

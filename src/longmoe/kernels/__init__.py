@@ -14,31 +14,43 @@ import hashlib
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..sysinfo import cpu_flags
 
 MAX_ROWS = 16  # query rows up to which the kernels beat a GEMM
 SOURCE = Path(__file__).with_name("decode.c")
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+_why_not = ""  # why the kernels are not in use, once _load has run
+
+
+def status() -> str:
+    """Which path decode and the bf16 loss take on this machine, and why (for `longmoe info`)."""
+    lib = _load()
+    if lib:
+        return "AVX-512 BF16 kernels (bf16 models: decode GEMV, attention, MoE experts, RMSNorm, RoPE, loss)"
+    return f"PyTorch ops ({_why_not})"
 
 
 def _load() -> ctypes.CDLL | bool:
-    global _lib
+    global _lib, _why_not
     if _lib is not None:
         return _lib
     _lib = False
-    if os.environ.get("LONGMOE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("LONGMOE_KERNELS", "1") == "0":
+        _why_not = "LONGMOE_KERNELS=0"
         return _lib
-    if not _cpu_has_avx512_bf16():
+    if not sys.platform.startswith("linux"):
+        _why_not = f"the kernels are built for Linux, this is {sys.platform}"
+        return _lib
+    if "avx512_bf16" not in cpu_flags():
+        _why_not = "this CPU has no AVX-512 BF16 instructions"
         return _lib
     source = SOURCE.read_bytes()
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
@@ -72,7 +84,12 @@ def _load() -> ctypes.CDLL | bool:
         lib.xent_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
                                   ctypes.c_int, ctypes.c_void_p]  # fmt: skip
         _lib = lib
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        detail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else [str(e)]
+        _why_not = f"building {SOURCE.name} failed: {detail[0][:200] if detail else e}"
+        warnings.warn(f"longmoe: CPU kernels unavailable, using PyTorch ops ({_why_not})", RuntimeWarning,
+                      stacklevel=3)  # fmt: skip
         _lib = False
     return _lib
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 
-SLIDING_BLOCK = 512
+SLIDING_BLOCK = 512  # most query rows per sliding-window call; windows under 256 use blocks of 2 x window (>= 128)
 SMALL_QUERY_ROWS = 64  # up to this many query rows per kv head, attention runs as two matmuls (decode)
 
 
@@ -104,6 +104,10 @@ def attend_span(
     if Tq == 1:
         return sdpa(q, k, v, causal=False, scale=scale)
     p = Tk - Tq  # prefix keys every query sees in full, then a causal tail aligned with the queries
+    if torch.is_grad_enabled() and q.requires_grad:  # training on a tail of queries: one differentiable call
+        hidden = torch.arange(Tk, device=q.device)[None, :] > torch.arange(p, Tk, device=q.device)[:, None]
+        bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        return sdpa(q, k, v, causal=False, scale=scale, bias=bias)
     head = sdpa(q, k[:, :, :p], v[:, :, :p], causal=False, scale=scale)
     tail = sdpa(q, k[:, :, p:], v[:, :, p:], causal=True, scale=scale)
     return merge(head, tail)
@@ -130,8 +134,9 @@ def _sliding(q, k, v, end, scale, window):
     Tq, Tk = q.shape[2], k.shape[2]
     q_start, k_start = end - Tq, end - Tk
     outs, lses = [], []
-    for a in range(q_start, end, SLIDING_BLOCK):
-        b = min(a + SLIDING_BLOCK, end)
+    block = min(SLIDING_BLOCK, max(128, 2 * window))  # a block reads window + block keys: small windows, small blocks
+    for a in range(q_start, end, block):
+        b = min(a + block, end)
         lo = max(a - window + 1, k_start)
         ks = slice(lo - k_start, b - k_start)
         q_pos = torch.arange(a, b, device=q.device)[:, None]

@@ -14,12 +14,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LongmoeError
+
 ATTENTION_TYPES = ("full", "sliding", "chunked")
 QK_NORMS = (None, "head", "full", "l2")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
-class ConfigError(ValueError):
+class ConfigError(LongmoeError, ValueError):
     """A model config that cannot describe a working model; the message names the field and the fix."""
 
 
@@ -50,6 +52,9 @@ class ModelConfig:
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
     softmax_scale: float = 0.0  # 0 -> 1/sqrt(qk head dim)
+    # NoPE (global) layers that must extrapolate far past the training length (longmoe's bundled model):
+    nope_qk_norm: bool = False  # L2-normalise q and k per head (weightless RMSNorm): scores are bounded cosines
+    logn_attn: bool = False  # SSMax (arXiv 2501.19399): q x s_h * log(n) for a query that sees n keys, s_h learned
 
     # --- Multi-head Latent Attention (DeepSeek-V2/V3); on when kv_lora_rank > 0 ---
     q_lora_rank: int = 0  # 0 -> plain q projection

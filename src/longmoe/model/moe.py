@@ -129,8 +129,8 @@ class MoE(nn.Module):
         # replaces the local dispatch (expert parallel, longmoe.train.parallel).
         self.dispatcher = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, H] -> (out [B, T, H], router logits [B*T, E] fp32)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (out [B, T, H], router logits [B*T, E] fp32, chosen experts [B*T, K])."""
         shape = x.shape
         x_NH = x.reshape(-1, shape[-1])
         logits_NE, weights_NK, experts_NK = self.router(x_NH)
@@ -149,7 +149,7 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x_NH)) * shared
             out_NH = out_NH + shared
-        return out_NH.view(shape), logits_NE
+        return out_NH.view(shape), logits_NE, experts_NK
 
     def _dispatch(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         K, E = experts_NK.shape[1], self.config.num_experts
@@ -195,7 +195,7 @@ class MoE(nn.Module):
             if len(ts) == 1:
                 out_NH[ts[0]] += y[0]
             else:
-                out_NH.index_add_(0, torch.tensor(ts), y)
+                out_NH.index_add_(0, torch.tensor(ts, device=y.device), y)
         return out_NH
 
 

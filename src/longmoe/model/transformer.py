@@ -7,6 +7,7 @@ Positions are always explicit ([B, T]). A KV cache, when given, owns both storag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,9 +17,11 @@ from torch import nn
 from .. import kernels
 from .attention import Segment, attend, segments_from_positions
 from .config import ModelConfig
-from .loss import cross_entropy_sum
+from .loss import IGNORE, cross_entropy_sum
 from .moe import MLP, Linear, MoE
 from .rope import RotaryEmbedding, apply_rope
+
+LOGN_INIT = 1 / math.log(1024)
 
 
 class KVCache(Protocol):
@@ -68,6 +71,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.num_kv_heads * D, c.rms_norm_eps)
         elif c.qk_norm == "l2" and self.use_rope:  # Llama 4: weightless, after RoPE, RoPE layers only
             self.q_norm = self.k_norm = RMSNorm(D, c.rms_norm_eps, weight=False)
+        self.nope_norm = RMSNorm(D, c.rms_norm_eps, weight=False) if c.nope_qk_norm and not self.use_rope else None
+        # SSMax's per-head s_h, initialised so that s_h * log(n) = 1 at n = 1024 keys
+        self.logn_scale = nn.Parameter(torch.full((c.num_heads,), LOGN_INIT)) if c.logn_attn and not self.use_rope \
+            else None  # fmt: skip
         self.attend_fn = attend  # seam for parallelism applied from outside (context parallel's ring attention)
 
     def forward(
@@ -77,34 +84,50 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: list[Segment] | None,
         cache: KVCache | None,
+        outputs: int | None = None,
     ) -> torch.Tensor:
+        """-> [B, T, C], or [B, outputs, C]: only the last `outputs` positions query (all of them make K/V)."""
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        Tq = T if outputs is None or plan is not None else outputs  # packed rows: all queries, sliced at the end
+        q, k, v = self.q_proj(x[:, T - Tq :]), self.k_proj(x), self.v_proj(x)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if c.clip_qkv is not None:
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, -1, c.head_dim)  # [B, T, H, D]
+        q = q.view(B, Tq, c.num_heads, c.head_dim)  # [B, Tq, H, D]
         k = k.view(B, T, -1, c.head_dim)  # [B, T, Hkv, D]
         v = v.view(B, T, -1, c.head_dim)
+        q_pos = positions[:, T - Tq :]  # [B, Tq]
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q = apply_rope(q, *rope, interleaved=c.rope_interleaved)
-            k = apply_rope(k, *rope, interleaved=c.rope_interleaved)
+            cos, sin = rope
+            q = apply_rope(q, cos[:, T - Tq :], sin[:, T - Tq :], interleaved=c.rope_interleaved)
+            k = apply_rope(k, cos, sin, interleaved=c.rope_interleaved)
             if c.qk_norm == "l2":
                 q, k = self.q_norm(q), self.k_norm(k)
-        elif c.attn_temperature_tuning:
-            # Llama 4 NoPE layers: sharpen attention with distance, q *= 1 + s * log(1 + floor((pos + 1) / f)).
-            scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
-            q = (q * scale[:, :, None, None]).to(q.dtype)
+        else:
+            if self.nope_norm is not None:
+                q, k = self.nope_norm(q), self.nope_norm(k)
+            if c.attn_temperature_tuning:
+                # Llama 4 NoPE layers: sharpen attention with distance, q *= 1 + s * log(1 + floor((pos + 1) / f)).
+                scale = torch.log1p(torch.floor((q_pos.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
+                q = (q * scale[:, :, None, None]).to(q.dtype)
+            if self.logn_scale is not None:
+                # SSMax: a query that sees n = pos + 1 keys gets logits x s_h log n, so the needle's share of the
+                # softmax does not shrink as n grows past the training length
+                scale = torch.log(q_pos.float() + 1.0)[:, :, None] * self.logn_scale.float()  # [B, Tq, H]
+                q = (q * scale[..., None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is None:
-            o = self.attend_fn(q, k, v, plan, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, T, D]
+            o = self.attend_fn(q, k, v, plan, scale=c.scale, window=self.window, chunk=self.chunk)  # [B, H, Tq, D]
         else:
             o = cache.attend(self.layer_idx, q, k, v, scale=c.scale, window=self.window, chunk=self.chunk)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        o = o.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # [B, Tq, H*D]
+        if outputs is not None and Tq != outputs:
+            o = o[:, Tq - outputs :]
+        return self.o_proj(o)
 
 
 class MLAttention(nn.Module):
@@ -134,16 +157,20 @@ class MLAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: list[Segment] | None,
         cache: KVCache | None,
+        outputs: int | None = None,
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
-        q = q.view(B, T, -1, c.qk_head_dim)  # [B, T, H, nope + rope]
+        Tq = T if outputs is None or plan is not None else outputs
+        xq = x[:, T - Tq :]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(xq))) if c.q_lora_rank else self.q_proj(xq)
+        q = q.view(B, Tq, c.num_heads, c.qk_head_dim)  # [B, Tq, H, nope + rope]
         q_pass, q_rot = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, rank]
-        q_rot = apply_rope(q_rot, *rope, interleaved=c.rope_interleaved)
-        k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=c.rope_interleaved)  # [B, T, 1, rope]
+        cos, sin = rope
+        q_rot = apply_rope(q_rot, cos[:, T - Tq :], sin[:, T - Tq :], interleaved=c.rope_interleaved)
+        k_rot = apply_rope(k_rot[:, :, None, :], cos, sin, interleaved=c.rope_interleaved)  # [B, T, 1, rope]
         if cache is not None:
             return self._absorbed(q_pass, q_rot, latent, k_rot, cache)
         S = latent.shape[1]
@@ -151,9 +178,12 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, S, .]
         k_rot = k_rot.transpose(1, 2)  # [B, 1, S, rope]
         k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [B, H, S, nope + rope]
-        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # [B, H, T, nope + rope]
-        o = attend(q, k, v, plan, scale=c.scale)  # [B, H, T, v_head_dim]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # [B, H, Tq, nope + rope]
+        o = attend(q, k, v, plan, scale=c.scale)  # [B, H, Tq, v_head_dim]
+        o = o.transpose(1, 2).reshape(B, Tq, c.num_heads * c.v_head_dim)
+        if outputs is not None and Tq != outputs:
+            o = o[:, Tq - outputs :]
+        return self.o_proj(o)
 
     def _absorbed(self, q_pass, q_rot, latent, k_rot, cache: KVCache) -> torch.Tensor:
         """Inference form (DeepSeek-V2 sec. 2.1.2): fold kv_b_proj's key half into the queries and its value half
@@ -168,7 +198,7 @@ class MLAttention(nn.Module):
         kv = torch.cat((latent, k_rot[:, :, 0]), dim=-1)[:, None]  # [B, 1, T, rank + rope]
         o = cache.attend(self.layer_idx, q, kv, kv, scale=c.scale, window=0, chunk=0)  # values = kv: slice after
         o = torch.einsum("bhtr,hvr->bthv", o[..., : c.kv_lora_rank], w_uv)  # [B, T, H, v]
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.o_proj(o.reshape(B, T, c.num_heads * c.v_head_dim))
 
 
 class Block(nn.Module):
@@ -180,20 +210,31 @@ class Block(nn.Module):
         self.is_moe = config.moe_layers[layer_idx]
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, rope, plan, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, plan, cache)
+    def forward(
+        self, x, positions, rope, plan, cache, outputs: int | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [B, T, C] -> [B, T, C]; with `outputs`, [B, outputs, C] for the last positions only (attention and
+        FFN run only there; every position still makes its K/V, which a cache stores)."""
+        if outputs == 0 and cache is None:
+            return x[:, :0], None  # nothing asked for and nowhere to keep K/V
+        a = self.self_attn(self.input_layernorm(x), positions, rope, plan, cache, outputs)
+        x = x if outputs is None else x[:, x.shape[1] - outputs :]
+        x = x + a
+        if outputs == 0:
+            return x, None
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, router_logits = self.mlp(h)
-            return x + h, router_logits
+            h, logits, experts = self.mlp(h)
+            return x + h, (logits, experts)
         return x + self.mlp(h), None
 
 
 @dataclass
 class Output:
-    logits: torch.Tensor | None  # [B, T, V] (or [B, 1, V] with last_only); None when targets were given
+    logits: torch.Tensor | None  # [B, T, V] (or [B, outputs, V]); None when targets were given
     router_logits: list[torch.Tensor] = field(default_factory=list)  # one [B*T, E] fp32 per MoE layer
     loss_sum: torch.Tensor | None = None  # with targets: summed next-token cross-entropy, fp32 []
+    router_experts: list[torch.Tensor] = field(default_factory=list)  # the experts chosen, [B*T, K] per MoE layer
 
 
 class Transformer(nn.Module):
@@ -215,36 +256,48 @@ class Transformer(nn.Module):
         *,
         input_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        last_only: bool = False,
+        outputs: int | None = None,
         targets: torch.Tensor | None = None,
     ) -> Output:
         """input_ids [B, T] (or input_embeds [B, T, C]); positions [B, T], default 0..T-1 for every row.
         Without a cache, positions that restart inside a row start a new document (packed sequences).
+        outputs: only the last `outputs` positions need logits (0: none, the call only fills a KV cache). Nothing
+        is downstream of the last layer, so it runs attention and FFN only there; every other position needs just
+        its K/V. (For a model whose only global layer is the last, prefill is then O(n x window), not O(n^2).)
         With targets [B, T] (IGNORE = -100 for no loss) the output is the summed cross-entropy instead of logits,
-        computed with the output projection in chunks (training never holds [B, T, V] logits)."""
+        computed with the output projection in chunks (training never holds [B, T, V] logits); with `outputs` too,
+        targets before the last `outputs` positions must be IGNORE."""
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids or input_embeds")
-        if targets is not None and (last_only or cache is not None):
-            raise ValueError("targets (a training loss) cannot be combined with a KV cache or last_only")
+        if targets is not None and cache is not None:
+            raise ValueError("targets (a training loss) cannot be combined with a KV cache")
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [B, T, C]
         B, T = x.shape[:2]
-        if targets is not None and targets.shape != (B, T):
-            raise ValueError(f"targets must have the input's shape [B, T] = {[B, T]}, got {list(targets.shape)}")
+        if outputs is not None and not 0 <= outputs <= T:
+            raise ValueError(f"outputs must be in [0, T = {T}], got {outputs}")
+        if targets is not None:
+            if targets.shape != (B, T):
+                raise ValueError(f"targets must have the input's shape [B, T] = {[B, T]}, got {list(targets.shape)}")
+            if outputs is not None and bool((targets[:, : T - outputs] != IGNORE).any()):
+                raise ValueError(f"targets outside the last outputs = {outputs} positions would be dropped")
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=x.device).expand(B, T)
         plan = segments_from_positions(positions) if cache is None else None
         rope = self.rotary(positions)
-        router_logits = []
-        for layer in self.layers:
-            x, logits = layer(x, positions, rope, plan, cache)
-            if logits is not None:
-                router_logits.append(logits)
-        x = self.norm(x[:, -1:] if last_only else x)
+        router_logits, router_experts = [], []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, routed = layer(x, positions, rope, plan, cache, outputs if i == last else None)
+            if routed is not None:
+                router_logits.append(routed[0])
+                router_experts.append(routed[1])
+        x = self.norm(x)
         if targets is not None:
-            return Output(None, router_logits, cross_entropy_sum(x, self.lm_head.weight, targets))
-        return Output(self.lm_head(x), router_logits)
+            t = targets if outputs is None else targets[:, T - outputs :]
+            return Output(None, router_logits, cross_entropy_sum(x, self.lm_head.weight, t), router_experts)
+        return Output(self.lm_head(x), router_logits, None, router_experts)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
@@ -253,6 +306,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("logn_scale"):
+                p.fill_(LOGN_INIT)
             elif name.endswith(".bias"):
                 p.zero_()
             else:

@@ -4,6 +4,7 @@ overrides. Everything is checked before any work starts; errors name the key."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,15 @@ class DataConfig:
     tokenizer: str = "bytes"  # "bytes" (one token per byte), "bpe:N" (train an N-token BPE first), or a tokenizer.json
     seq_len: int = 256  # tokens per training sequence (the first stage's; stages may change it)
     synthetic_ratio: float = 0.0  # share of sequences that are synthetic long-context tasks
-    synthetic_tasks: list[str] = field(default_factory=lambda: ["niah"])  # niah, multikey, multivalue, vt
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["niah"])  # niah, multikey, multivalue, vt, retrieval
+    # Long synthetic rows in a micro-batch of their own each step, of a length drawn log-uniformly from
+    # synthetic_lengths = [min, max] (tokens). Only their answers are targets, so the model's last layer runs only
+    # on the answer tail: a row costs O(length x window) when the last layer is the only global one.
+    synthetic_rows: int = 0
+    synthetic_lengths: list[int] = field(default_factory=lambda: [1024, 8192])
+    synthetic_tokens: int = 0  # > 0: as many rows as fit this many tokens (many short rows, few long ones), at
+    # least one and at most synthetic_rows
+    synthetic_weight: float = 1.0  # loss weight of a synthetic target relative to a text target
     heldout_percent: float = 5.0  # documents kept out of training for the held-out loss
     document_masking: bool = True  # positions restart per document, so attention stays within it
     seed: int = 0
@@ -173,9 +182,31 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     from ..tasks import TRAIN_TASKS
 
     for t in cfg.data.synthetic_tasks:
-        need(t in TRAIN_TASKS, f"data.synthetic_tasks: unknown task {t!r}; choose from {', '.join(TRAIN_TASKS)}")
-    need(cfg.optim.lr > 0 and cfg.optim.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        need(t in TRAIN_TASKS or t == "retrieval",
+             f"data.synthetic_tasks: unknown task {t!r}; choose from {', '.join([*TRAIN_TASKS, 'retrieval'])}")
+    d = cfg.data
+    need(d.synthetic_rows >= 0, f"data.synthetic_rows = {d.synthetic_rows}: must be >= 0")
+    need(len(d.synthetic_lengths) == 2 and 64 <= d.synthetic_lengths[0] <= d.synthetic_lengths[1],
+         f"data.synthetic_lengths = {d.synthetic_lengths}: give [min, max] tokens with 64 <= min <= max")
+    need(d.synthetic_weight > 0, f"data.synthetic_weight = {d.synthetic_weight}: must be > 0")
+    need(d.synthetic_tokens >= 0, f"data.synthetic_tokens = {d.synthetic_tokens}: must be >= 0")
+    o = cfg.optim
+    for name in ("lr", "min_lr", "beta1", "beta2", "weight_decay", "grad_clip"):
+        need(math.isfinite(getattr(o, name)), f"optim.{name} = {getattr(o, name)}: must be a finite number")
+    need(o.lr > 0 and o.min_lr >= 0, f"optim.lr = {o.lr} must be > 0 and optim.min_lr = {o.min_lr} >= 0")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps = {o.warmup_steps}: must be >= 0")
+    for name in ("beta1", "beta2"):
+        need(0 <= getattr(o, name) < 1, f"optim.{name} = {getattr(o, name)}: must be in [0, 1)")
+    need(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints = {cfg.keep_checkpoints}: must be >= 1 (how many to keep)")
+    need(cfg.save_every >= 0, f"save_every = {cfg.save_every}: must be >= 0 (0 = only at the end)")
+    need(cfg.eval_every >= 0 and cfg.eval_batches >= 1, "eval_every must be >= 0 and eval_batches >= 1")
+    tok = cfg.data.tokenizer
+    if tok.startswith("bpe:"):
+        n = tok[4:]
+        need(n.isdigit() and int(n) >= 257,
+             f"data.tokenizer = {tok!r}: write bpe:<vocab size> with at least 257 tokens (256 bytes + <eos>), "
+             "e.g. bpe:2048")  # fmt: skip
     need(cfg.parallel.dp in ("fsdp", "replicate"), f"parallel.dp = {cfg.parallel.dp!r}: use fsdp or replicate")
     need(bool(cfg.model) != bool(cfg.init), "give either [model] settings or init = a model directory, not both")
     if cfg.model:
@@ -184,6 +215,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         if model["vocab_size"] == 0:
             model["vocab_size"] = 1  # filled in from the tokenizer later
         mc = ModelConfig.from_dict(model, "model")
+        need(cfg.data.seq_len <= mc.max_position_embeddings,
+             f"data.seq_len = {cfg.data.seq_len} is longer than model.max_position_embeddings = "
+             f"{mc.max_position_embeddings}; raise the model's context or shorten the rows")  # fmt: skip
+        if cfg.data.synthetic_rows:
+            need(cfg.data.synthetic_lengths[1] <= mc.max_position_embeddings,
+                 f"data.synthetic_lengths = {cfg.data.synthetic_lengths} goes past model.max_position_embeddings = "
+                 f"{mc.max_position_embeddings}")  # fmt: skip
+        if mc.is_mla and cfg.parallel.cp > 1:
+            need(False, "parallel.cp > 1 is not implemented for MLA attention (DeepSeek-style kv_lora_rank > 0): "
+                 "context parallelism would silently attend only locally; use parallel.cp = 1")
         if cfg.parallel.ep > 1:
             need(mc.num_experts % cfg.parallel.ep == 0,
                  f"parallel.ep = {cfg.parallel.ep} does not divide model.num_experts = {mc.num_experts}")  # fmt: skip
@@ -191,6 +232,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         need(not cfg.data.document_masking, "parallel.cp > 1 needs data.document_masking = false")
     for st in stages(cfg):
         need(st.seq_len >= 8, f"stages: seq_len = {st.seq_len} must be >= 8")
+        need(st.start_step < cfg.steps,
+             f"stages: a stage starts at step {st.start_step}, but training ends after steps = {cfg.steps}")
         if cfg.parallel.cp > 1:
             need(st.seq_len % (2 * cfg.parallel.cp) == 0,
                  f"seq_len {st.seq_len} must be divisible by 2 x parallel.cp = {2 * cfg.parallel.cp} "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
+import os
 import random
 import zlib
 from collections.abc import Iterator
@@ -22,16 +24,16 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from ..corpora import python_docs_text, python_stdlib_files, source_files
 from ..model.config import ConfigError
-from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, TRAIN_TASKS, python_docs_text
+from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, TRAIN_TASKS
 from ..tokenizer import Tokenizer
 from .config import DataConfig
+from .synthetic import retrieval_row
 
-CODE_SUFFIXES = {
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".rb", ".sh", ".md",
-    ".rst", ".txt", ".toml", ".cfg", ".json", ".yaml", ".yml", ".html", ".css", ".sql", ".tex",
-}  # fmt: skip
-TEXT_CHUNK = 1 << 20  # large text files become documents of ~1 MB, split at paragraph breaks
+TEXT_CHUNK = 1 << 20  # large text files become documents of ~1 MB, split at line breaks
+MIN_DOCUMENTS = 20  # fewer documents than this: text files are read as PIECE-character pieces (see Documents)
+PIECE = 8192
 EOS = "<eos>"
 
 
@@ -117,15 +119,19 @@ def eos_id(tok: Tokenizer) -> int:
 
 
 def expand_sources(sources: list[str]) -> list[str]:
-    """Files in a fixed order: 'python-docs', JSONL/text files, globs, and directories (source files inside)."""
+    """Files in a fixed order: 'python-docs' (the English docs shipped with Python), 'python-stdlib' (its standard
+    library's source), JSONL/text files, globs, and directories (source files inside)."""
     out: list[str] = []
     for s in sources:
         if s == "python-docs":
             out.append(s)
             continue
+        if s == "python-stdlib":
+            out += python_stdlib_files()
+            continue
         p = Path(s)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CODE_SUFFIXES)
+            out += [str(f) for f in source_files(p)]
         elif any(ch in s for ch in "*?["):
             out += sorted(glob.glob(s, recursive=True))
         elif p.is_file():
@@ -144,6 +150,23 @@ class Documents:
         self.files = expand_sources(sources)
         self.seed, self.heldout_percent, self.split = seed, heldout_percent, split
         self.state = {"epoch": 0, "file": 0, "item": 0}
+        # With few documents (one text file, say) a per-document split can leave held-out empty: split them into
+        # pieces of PIECE characters and assign the pieces instead.
+        self.pieces = self._count_items() < MIN_DOCUMENTS
+
+    def _count_items(self) -> int:
+        n = 0
+        for name in self.files:
+            if name == "python-docs":
+                n += len(python_docs_text())
+            elif name.endswith(".jsonl"):
+                with open(name, encoding="utf-8", errors="replace") as f:
+                    n += sum(1 for line in f if line.strip())
+            else:
+                n += max(1, -(-os.path.getsize(name) // TEXT_CHUNK))
+            if n >= MIN_DOCUMENTS:
+                break
+        return n
 
     def _order(self, epoch: int) -> list[str]:
         files = list(self.files)
@@ -164,7 +187,7 @@ class Documents:
                         yield str(row.get("text") or row.get("content") or "")
         else:
             with open(name, encoding="utf-8", errors="replace") as f:
-                while block := f.read(TEXT_CHUNK):
+                while block := f.read(PIECE if self.pieces else TEXT_CHUNK):
                     rest = f.readline()  # finish the line
                     yield block + rest
 
@@ -207,6 +230,10 @@ class Batches:
         self.synthetic = split == "train" and cfg.synthetic_ratio > 0
         if self.synthetic:
             self._check_tasks_fit(cfg.seq_len)
+        self.synthetic_batches = 0  # long synthetic micro-batches produced so far (data.synthetic_rows)
+        self._haystack: list[str] | None = None
+        if split == "train" and cfg.synthetic_rows:
+            self._check_tasks_fit(cfg.synthetic_lengths[0])
 
     def count(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
@@ -236,11 +263,27 @@ class Batches:
                     "or set data.synthetic_ratio = 0"
                 )
 
+    def haystack(self) -> list[str]:
+        """The training documents, in memory: haystacks of the 'retrieval' task (read once, on first use)."""
+        if self._haystack is None:
+            docs = Documents(self.cfg.sources, self.cfg.seed, self.cfg.heldout_percent, "train")
+            self._haystack = []
+            for text in docs:
+                if docs.state["epoch"] > 0:
+                    break
+                self._haystack.append(text)
+        return self._haystack
+
     def _synthetic_row(self, rng: random.Random, n: int, name: str | None = None) -> list[tuple[int, int, int]]:
         """A synthetic task, then its question and answer, then the same question for every other fact planted in
         the context (distractor needles too): several retrievals to learn from per row. Only the question/answer
         text is a target, not the haystack."""
-        task = TRAIN_TASKS[name or rng.choice(self.cfg.synthetic_tasks)](rng, n * 2 // 3, self.count)
+        name = name or rng.choice(self.cfg.synthetic_tasks)
+        if name == "retrieval":
+            encode = lambda t: self.tok.encode(t, add_special_tokens=False)  # noqa: E731
+            ids, marks = retrieval_row(rng, n, encode, self.eos, self.haystack())
+            return [(t, i, m) for i, (t, m) in enumerate(zip(ids, marks))]
+        task = TRAIN_TASKS[name](rng, n * 2 // 3, self.count)
         qa = [f"\n{task.question} {task.answer_prefix} {', '.join(task.answers)}."]
         facts = task.meta.get("facts", {})
         asked = {task.question}
@@ -280,11 +323,31 @@ class Batches:
             "mask": t[:, 1:, 2].bool(),
         }
 
+    def next_synthetic(self) -> dict[str, torch.Tensor]:
+        """A micro-batch of data.synthetic_rows long synthetic rows of one length (log-uniform in
+        data.synthetic_lengths, a multiple of 64). "outputs" = how many final positions hold targets."""
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}:synthetic:{self.synthetic_batches}")
+        self.synthetic_batches += 1
+        lo, hi = cfg.synthetic_lengths
+        length = max(lo, min(hi, round(math.exp(rng.uniform(math.log(lo), math.log(hi))) / 64) * 64))
+        rows = cfg.synthetic_rows
+        if cfg.synthetic_tokens:
+            rows = max(1, min(rows, cfg.synthetic_tokens // length))
+        t = torch.tensor([self._synthetic_row(rng, length + 1) for _ in range(rows)])  # [B, L+1, 3]
+        mask = t[:, 1:, 2].bool()
+        cols = mask.any(0).nonzero()
+        outputs = length - int(cols[0]) if len(cols) else 1
+        return {"input_ids": t[:, :-1, 0], "positions": t[:, :-1, 1], "targets": t[:, 1:, 0], "mask": mask,
+                "outputs": outputs}  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
-        return {"docs": dict(self.docs.state), "buffer": list(self.buffer), "row": self.row}
+        return {"docs": dict(self.docs.state), "buffer": list(self.buffer), "row": self.row,
+                "synthetic_batches": self.synthetic_batches}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.docs.state = dict(state["docs"])
         self.stream = iter(self.docs)
         self.buffer = [tuple(x) for x in state["buffer"]]
         self.row = state["row"]
+        self.synthetic_batches = state.get("synthetic_batches", 0)

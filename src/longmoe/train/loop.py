@@ -4,6 +4,7 @@ resumable checkpoints; an export the engine loads. One process, or many under to
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import native, save
 from ..checkpoint.safetensors_io import atomic_write_bytes
+from ..errors import TrainError
 from ..model.config import ModelConfig
 from ..model.loss import IGNORE
 from ..model.moe import MoE, router_probs, update_selection_bias
@@ -68,8 +70,56 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "export", "tb", "config.json")  # what a run writes
+RUN_EVIDENCE = ("checkpoints", "metrics.jsonl", "export")  # what makes a directory hold a run worth keeping
+
+
+def check_run_directory(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Before anything is written: never train over an earlier run by accident, never resume a different model."""
+    existing = [n for n in RUN_EVIDENCE if (out / n).exists()] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; give a directory")
+    if resume:
+        if overwrite:
+            raise TrainError("--resume and --overwrite contradict each other: pick one")
+        if latest_checkpoint(out / "checkpoints") is None:
+            raise TrainError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
+        saved = _saved_config(out)
+        changed = _changed_settings(saved, to_dict(cfg)) if saved is not None else []
+        if changed:
+            raise TrainError(
+                f"--resume: {out} was trained with different {', '.join(changed)}; a checkpoint only resumes the "
+                "model it was written for. Use the run's own settings, or a new --out"
+            )
+    elif existing and not overwrite:
+        raise TrainError(
+            f"--out {out} already holds a training run ({', '.join(existing)}): continue it with --resume, train "
+            "into a new --out, or pass --overwrite to discard it"
+        )
+
+
+def _changed_settings(saved: dict, now: dict) -> list[str]:
+    """What a checkpoint cannot be resumed under: the model's shape, its initialisation, dtype and tokenizer."""
+    before, after = saved.get("model") or {}, now.get("model") or {}
+    out = [f"model.{k}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    out += [k for k in ("init", "dtype") if saved.get(k) != now.get(k)]
+    if (saved.get("data") or {}).get("tokenizer") != now["data"]["tokenizer"]:
+        out.append("data.tokenizer")
+    return out
+
+
+def _saved_config(out: Path) -> dict | None:
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, quiet: bool = False):
+    def __init__(
+        self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, quiet: bool = False, overwrite: bool = False
+    ):
         self.cfg, self.out, self.quiet = cfg, Path(out), quiet
         self.dist: Dist = init_distributed()
         validate(cfg, self.dist.world)
@@ -78,6 +128,12 @@ class Trainer:
         self.cp = p.cp if d.world > 1 else 1
         self.dp = d.world // self.cp  # ranks that see different rows
         if d.main:
+            check_run_directory(self.out, cfg, resume, overwrite)
+            if overwrite and not resume:
+                for name in RUN_FILES:
+                    target = self.out / name
+                    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+                (self.out / "tokenizer.json").unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
         self._barrier()
@@ -180,25 +236,27 @@ class Trainer:
     def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a global batch: its rows (data/expert parallel) or its chunks (context parallel)."""
         d = self.dist
-        if self.cp > 1:
-            return {k: cp_shard(v, d.rank, d.world) for k, v in batch.items()}
+        if self.cp > 1:  # (a shard's positions are no tail: "outputs" is dropped, the last layer runs everywhere)
+            return {k: cp_shard(v, d.rank, d.world) for k, v in batch.items() if torch.is_tensor(v)}
         if self.dp > 1:
             n = batch["input_ids"].shape[0] // self.dp
-            return {k: v[d.rank * n : (d.rank + 1) * n] for k, v in batch.items()}
+            return {k: v[d.rank * n : (d.rank + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()}
         return batch
 
-    def _loss(self, batch: dict[str, torch.Tensor], global_targets: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _loss(
+        self, batch: dict[str, torch.Tensor], global_targets: float, n_micro: int = 1
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
         targets = batch["targets"].masked_fill(~batch["mask"], IGNORE)
-        out = self.model(batch["input_ids"], batch["positions"], targets=targets)
+        out = self.model(batch["input_ids"], batch["positions"], targets=targets, outputs=batch.get("outputs"))
         ce_sum = out.loss_sum
         loss = ce_sum / global_targets
         stats: dict[str, Any] = {"ce_sum": ce_sum.detach()}
         if out.router_logits and cfg.balance != "none":
-            aux, z, entropy = self._balance_terms(out.router_logits)
+            aux, z, entropy = self._balance_terms(out.router_logits, out.router_experts)
             stats.update(aux=aux.detach(), z=z.detach(), entropy=entropy)
             if cfg.balance == "aux_loss":
-                loss = loss + (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z) / cfg.grad_accum
+                loss = loss + (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z) / n_micro
         return loss * self.loss_scale, stats
 
     def _after_backward(self) -> None:
@@ -211,19 +269,22 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.div_(self.loss_scale)
 
-    def _balance_terms(self, router_logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _balance_terms(
+        self, router_logits: list[torch.Tensor], router_experts: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Switch load-balancing loss with expert counts over the global batch (all ranks), pooled over layers
-        as transformers does (equals top_k at balance), router z-loss, and router entropy (for the logs)."""
+        as transformers does (equals top_k at balance), router z-loss, and router entropy (for the logs). The counts
+        are of the experts actually chosen (after any selection bias and group limits), not a fresh top-k."""
         c, world = self.config, self.dist.world
-        E, K = c.num_experts, c.num_experts_per_tok
+        E = c.num_experts
         counts = torch.zeros(E)
         prob_sum = torch.zeros(E)
         z_sum = torch.zeros(())
         entropy = 0.0
         rows = 0
-        for logits in router_logits:
+        for logits, chosen in zip(router_logits, router_experts):
             probs = router_probs(logits, c.score_func)
-            counts += torch.histc(probs.detach().topk(K, dim=-1).indices.flatten().float(), bins=E, min=0, max=E)
+            counts += torch.histc(chosen.flatten().float(), bins=E, min=0, max=E)
             prob_sum = prob_sum + probs.sum(0)
             z_sum = z_sum + torch.logsumexp(logits.float(), dim=-1).square().sum()
             entropy += -(probs.detach() * probs.detach().clamp_min(1e-12).log()).sum(-1).mean().item()
@@ -246,17 +307,25 @@ class Trainer:
                 g["lr"] = lr_at(self.step, cfg)
             t0 = time.perf_counter()
             micro = [self.data.next(cfg.batch_size, seq_len) for _ in range(cfg.grad_accum)]
+            weights = [1.0] * len(micro)
+            if cfg.data.synthetic_rows:
+                micro.append(self.data.next_synthetic())
+                weights.append(cfg.data.synthetic_weight)
             # the same on every rank (global batches); a batch with no targets at all contributes nothing
-            global_targets = max(sum(float(b["mask"].sum()) for b in micro), 1.0)
-            totals: dict[str, Any] = {"ce_sum": 0.0, "aux": 0.0, "z": 0.0, "entropy": 0.0}
-            for batch in micro:
-                loss, stats = self._loss(self._local(batch), global_targets)
+            global_targets = max(sum(w * float(b["mask"].sum()) for w, b in zip(weights, micro)), 1.0)
+            totals: dict[str, Any] = {"ce_sum": 0.0, "aux": 0.0, "z": 0.0, "entropy": 0.0, "syn_sum": 0.0}
+            for batch, w in zip(micro, weights):
+                loss, stats = self._loss(self._local(batch), global_targets / w, len(micro))
                 loss.backward()
                 self.masters.grads_to_master()
+                if "outputs" in batch:  # the synthetic micro-batch: logged apart from the text loss
+                    totals["syn_sum"] += float(stats.pop("ce_sum"))
                 for k, v in stats.items():
-                    totals[k] += float(v) / (1 if k == "ce_sum" else cfg.grad_accum)
+                    totals[k] += float(v) / (1 if k == "ce_sum" else len(micro))
             self._after_backward()
             grad_norm = self._clip()
+            if not math.isfinite(grad_norm):  # (the norm is global: every rank stops here together)
+                self._stop_non_finite(grad_norm, totals)
             load = self._expert_load()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -272,22 +341,33 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
 
-            ce = all_reduce_sum(torch.tensor(totals["ce_sum"]), d.world).item() / global_targets
+            text_targets = max(sum(float(b["mask"].sum()) for b in micro if "outputs" not in b), 1.0)
+            ce = all_reduce_sum(torch.tensor(totals["ce_sum"]), d.world).item() / text_targets
             tokens = cfg.batch_size * cfg.grad_accum * seq_len
+            if cfg.data.synthetic_rows:
+                syn = micro[-1]
+                tokens += syn["input_ids"].numel()
+                synthetic = {"synthetic_loss": all_reduce_sum(torch.tensor(totals["syn_sum"]), d.world).item()
+                             / max(float(syn["mask"].sum()), 1.0), "synthetic_len": syn["input_ids"].shape[1]}
+            else:
+                synthetic = {}
             row = {
                 "step": self.step, "loss": ce, "lr": lr_at(self.step - 1, cfg), "grad_norm": grad_norm,
                 "seq_len": seq_len, "tokens_per_s": tokens / dt,
-                "mfu": self.flops_per_token(seq_len) * tokens / dt / (self.peak * d.world),
+                "mfu": self.flops_per_token(seq_len) * tokens / dt / (self.peak * d.world), **synthetic,
             }  # fmt: skip
             if load is not None:
                 row.update(
                     aux_loss=totals["aux"], z_loss=totals["z"], router_entropy=totals["entropy"],
                     dead_experts=int(sum((torch.tensor(x) == 0).sum() for x in load)), expert_load=load,
                 )  # fmt: skip
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            evaluate = cfg.eval_every and cfg.data.heldout_percent > 0
+            if evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 row["heldout_loss"] = self.heldout_loss()
             self._log(row)
             info = f"loss {ce:.3f}" + (f" held-out {row['heldout_loss']:.3f}" if "heldout_loss" in row else "")
+            if synthetic:
+                info += f" synthetic {synthetic['synthetic_loss']:.3f}"
             progress.update(self.step, f"{info} | {row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.1f}%")
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
@@ -295,6 +375,19 @@ class Trainer:
             self.save_checkpoint()
         if self.step == cfg.steps:
             self.export(self.out / "export")
+
+    def _stop_non_finite(self, grad_norm: float, totals: dict[str, Any]) -> None:
+        """A NaN/inf loss or gradient: stop before the update, so the weights and checkpoints stay the last good
+        ones, and say where to continue from. No export is written."""
+        self.optimizer.zero_grad(set_to_none=True)
+        last = latest_checkpoint(self.ckpt_dir)
+        where = (f"the last good checkpoint is {last} (lower optim.lr, then --resume)" if last
+                 else "no checkpoint had been saved yet")  # fmt: skip
+        loss = totals["ce_sum"] + totals["syn_sum"]
+        raise TrainError(
+            f"step {self.step + 1}: the loss ({loss:.4g} summed) or gradient norm ({grad_norm}) is not finite; "
+            f"training stopped before this update and exported nothing; {where}"
+        )
 
     def _clip(self) -> float:
         """Global gradient norm (FSDP and expert shards summed over ranks, replicated grads counted once), clipped."""
@@ -360,6 +453,21 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
+        """Write this step's checkpoint under a temporary name, then rename it into place: a crash or a full disk
+        half-way leaves the previous checkpoint as the latest one."""
+        try:
+            return self._save_checkpoint()
+        except OSError as e:
+            shutil.rmtree(self.ckpt_dir / f".step-{self.step:06d}.tmp", ignore_errors=True)
+            last = latest_checkpoint(self.ckpt_dir)
+            kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise TrainError(
+                f"saving the checkpoint of step {self.step} under {self.ckpt_dir} failed: {why}; {kept}. Free space "
+                "(or fix the directory), then rerun with --resume"
+            ) from None
+
+    def _save_checkpoint(self) -> Path:
         d = self.dist
         final = self.ckpt_dir / f"step-{self.step:06d}"
         tmp = self.ckpt_dir / f".step-{self.step:06d}.tmp"
@@ -416,7 +524,7 @@ class Trainer:
         if self.dist.main:  # the log continues from the checkpoint: drop lines of steps that will be redone
             path = self.out / "metrics.jsonl"
             if path.exists():
-                rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
+                rows = [r for r in path.read_text().splitlines() if (_step_of(r) or self.step + 1) <= self.step]
                 atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())
 
     # ------------------------------------------------------------------------------------------------------------
@@ -442,6 +550,14 @@ class Trainer:
         atomic_write_bytes(out / "tokenizer.json", (self.out / "tokenizer.json").read_bytes())
         gen = {"eos_token_id": eos_id(self.tokenizer)}
         atomic_write_bytes(out / "generation_config.json", json.dumps(gen).encode())
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line torn by a kill mid-write (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -24,6 +24,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from ..model.attention import merge
+from ..model.config import ConfigError
 from ..model.moe import MoE
 from ..model.transformer import Attention, Transformer
 
@@ -259,6 +260,9 @@ class ContextParallelAttention:
 
 
 def apply_context_parallel(model: Transformer, rank: int, world: int) -> None:
+    if model.config.is_mla:  # MLA attends through its own path: patching Attention alone would leave it local-only
+        raise ConfigError("parallel.cp > 1 is not implemented for MLA attention (DeepSeek-style kv_lora_rank > 0); "
+                          "use parallel.cp = 1")  # fmt: skip
     for m in model.modules():
         if isinstance(m, Attention):
             m.attend_fn = ContextParallelAttention(rank, world)

@@ -7,35 +7,81 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..tasks import ANSWER_PREFIX, NEEDLE, QUESTION, default_haystack, needle_task_from, split_sentences, window
-from .runner import Cell, Results, run, sized
-from .targets import Target
+from ..corpora import HAYSTACKS, builtin_haystack, source_files
+from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, Task, default_haystack, needle_task_from, split_sentences
+from ..tasks import window as take_window
+from .runner import Cell, Results, atomic_write, fingerprint, fit, run
+from .targets import Target, TargetError
+
+ENDINGS = {
+    "answer-prefix": "the prompt ends with the answer's first words (a base model continues with the number)",
+    "question": "the prompt ends with the question alone (LWM's and Kamradt's wording)",
+}
 
 
-def load_haystack(source: str | None) -> list[str]:
-    """Sentences of English text shipped with Python by default; a text file; or a directory: every text or
-    source file in it (a code haystack: units are lines, in shuffled file order)."""
-    if not source:
-        return list(default_haystack())
+@dataclass(frozen=True)
+class Haystack:
+    """Units of text (sentences, or lines of code) and what joins them."""
+
+    name: str
+    units: tuple[str, ...]
+    sep: str
+
+    @property
+    def is_code(self) -> bool:
+        return self.sep == "\n"
+
+
+def load_haystack(source: str | None) -> Haystack:
+    """The English documentation shipped with Python by default; a built-in by name (python-docs, perl-docs,
+    perl-code); a text file (sentences); or a directory: every text or source file in it, a code haystack whose
+    units are lines, in shuffled file order."""
+    source = source or "python-docs"
+    if source == "python-docs":
+        return Haystack(source, default_haystack(), " ")
+    if source in HAYSTACKS:
+        text, code = builtin_haystack(source), HAYSTACKS[source][1]
+        return _from_text(source, text, code)
     p = Path(source)
     if not p.exists():
-        raise FileNotFoundError(f"--haystack {source}: no such file or directory")
+        raise FileNotFoundError(f"--haystack {source}: no such file or directory (built-ins: {', '.join(HAYSTACKS)})")
     if p.is_dir():
-        from ..train.data import CODE_SUFFIXES
-
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CODE_SUFFIXES)
+        files = source_files(p)
         random.Random(0).shuffle(files)
-        lines = [ln for f in files for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
-        if not lines:
+        text = "\n".join(f.read_text(errors="replace") for f in files)
+        if not text.strip():
             raise FileNotFoundError(f"--haystack {source}: no text or source files inside")
-        return lines
-    sentences = split_sentences(p.read_text(errors="replace"))
-    if not sentences:
-        raise FileNotFoundError(f"--haystack {source}: no text")
-    return sentences
+        return _from_text(str(p), text, True)
+    return _from_text(str(p), p.read_text(errors="replace"), False)
+
+
+def _from_text(name: str, text: str, code: bool) -> Haystack:
+    if code:
+        units = tuple(ln for ln in text.splitlines() if ln.strip() and "magic" not in ln.lower())
+    else:
+        units = tuple(s for s in split_sentences(text) if "magic" not in s.lower())
+    if not units:
+        raise FileNotFoundError(f"--haystack {name}: no text")
+    return Haystack(name, units, "\n" if code else " ")
+
+
+def check_templates(needle: str, question: str, answer_prefix: str, ending: str) -> None:
+    """Templates must carry their placeholders, or every cell would ask an unanswerable question."""
+    for name, text, fields in (("--needle", needle, ("{city}", "{value}")), ("--question", question, ("{city}",)),
+                               ("--answer-prefix", answer_prefix, ("{city}",) if ending == "answer-prefix" else ())):
+        missing = [f for f in fields if f not in text]
+        if missing:
+            raise ValueError(f"{name} {text!r} lacks {' and '.join(missing)}")
+        try:
+            text.format(city="x", value="1")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{name} {text!r}: only {{city}} and {{value}} may be filled in ({e})") from None
+    if ending not in ENDINGS:
+        raise ValueError(f"--ending {ending!r}: choose {' or '.join(ENDINGS)}")
 
 
 def cells(
@@ -43,49 +89,66 @@ def cells(
     lengths: list[int],
     depths: list[float],
     *,
-    haystack: list[str],
+    haystack: Haystack,
     needles: int = 1,
     samples: int = 1,
     seed: int = 0,
     needle: str = NEEDLE,
     question: str = QUESTION,
     answer_prefix: str = ANSWER_PREFIX,
+    ending: str = "answer-prefix",
+    ask_each: bool = False,
     max_tokens: int = 32,
 ) -> list[Cell]:
-    sentence_tokens = target.count_tokens(" ".join(haystack[:64])) / min(64, len(haystack))
+    units = haystack.units
+    sample = haystack.sep.join(units[:64])
+    try:
+        sentence_tokens = target.count_tokens(sample) / min(64, len(units))
+    except TargetError:  # each cell will record the target's error itself; size the search by characters meanwhile
+        sentence_tokens = len(sample) / 4 / min(64, len(units))
+    prefix = answer_prefix if ending == "answer-prefix" else ""
     out = []
     for length in lengths:
         for depth in depths:
             for s in range(samples):
                 key = f"niah:{needles}:{length}:{depth:g}:{s}"
-                seeded = random.Random(f"{seed}:{key}")
-                start = seeded.randrange(len(haystack))
+                start = random.Random(f"{seed}:{key}").randrange(len(units))
 
-                def build(n: int, key=key, start=start, depth=depth) -> Any:
+                def build(n: int, count=None, key=key, start=start, depth=depth) -> Task:
                     return needle_task_from(
-                        random.Random(f"{seed}:{key}:task"), window(haystack, start, n), depth=depth / 100,
-                        keys=needles, queries=needles, needle=needle, question=question, answer_prefix=answer_prefix,
+                        random.Random(f"{seed}:{key}:task"), take_window(units, start, n), depth=depth / 100,
+                        count=count, sep=haystack.sep, keys=needles, queries=1 if ask_each else needles,
+                        needle=needle, question=question, answer_prefix=prefix,
                     )  # fmt: skip
 
-                out.append(
-                    Cell(
-                        key,
-                        {"task": "niah", "needles": needles, "length": length, "depth": depth, "sample": s},
-                        lambda b=build, n=length: sized(b, target.count_tokens, n, sentence_tokens),
-                        max_tokens,
-                    )
-                )
+                def exact(b=build, n=length) -> Task:
+                    # size with character depths (cheap), then place the needle by token depth at that size
+                    task = b(fit(b, target.count_tokens, n, sentence_tokens), target.count_tokens)
+                    return _ask_each(task, question, prefix) if ask_each else task
+
+                meta = {"task": "niah", "needles": needles, "length": length, "depth": depth, "sample": s}
+                out.append(Cell(key, meta, exact, max_tokens))
     return out
+
+
+def _ask_each(task: Task, question: str, prefix: str) -> Task:
+    """One question per planted needle, each sent on its own over the same context (a prefix cache reuses it)."""
+    facts = task.meta["facts"]
+    queries = [(question.format(city=c), prefix.format(city=c) if prefix else "", vs) for c, vs in facts.items()]
+    return replace(task, answers=[v for _, _, vs in queries for v in vs], meta={**task.meta, "queries": queries})
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
     scored = [r for r in rows if r.get("score") is not None]
     per_length: dict[int, list[float]] = {}
+    per_depth: dict[float, list[float]] = {}
     for r in scored:
         per_length.setdefault(r["length"], []).append(r["score"])
+        per_depth.setdefault(r["depth"], []).append(r["depth_actual"])
     return {
         "recall": sum(r["score"] for r in scored) / len(scored) if scored else None,
         "recall_per_length": {str(k): sum(v) / len(v) for k, v in sorted(per_length.items())},
+        "actual_depth_per_depth": {f"{k:g}": round(100 * sum(v) / len(v), 2) for k, v in sorted(per_depth.items())},
         "cells": len(rows),
         "errors": sum(r.get("error") is not None for r in rows),
     }
@@ -97,6 +160,9 @@ def table(summary: dict[str, Any]) -> str:
         lines.append(f"{int(length):>10,} | {100 * rec:5.1f}%")
     overall = summary["recall"]
     lines.append(f"{'overall':>10} | {100 * overall:5.1f}%" if overall is not None else "   overall | n/a")
+    if "ending" in summary:
+        lines.append(f"haystack {summary['haystack']}; prompt ending: {summary['ending']}"
+                     + ("; each needle asked on its own" if summary.get("ask_each") else ""))  # fmt: skip
     if summary["errors"]:
         lines.append(f"({summary['errors']} cells failed with API errors: grey, not counted as misses)")
     return "\n".join(lines)
@@ -124,9 +190,11 @@ def heatmap(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(len(depths), 0)  # depth 0 (start of the context) at the top
     ax.set_xticks([i + 0.5 for i in range(len(lengths))], [_short(n) for n in lengths], rotation=45 if
                   len(lengths) > 8 else 0)  # fmt: skip
-    ax.set_yticks([j + 0.5 for j in range(len(depths))], [f"{d:g}%" for d in depths])
+    actual = summarize(rows)["actual_depth_per_depth"]  # requested depth (mean actual, in tokens)
+    ax.set_yticks([j + 0.5 for j in range(len(depths))],
+                  [f"{d:g}% ({actual[f'{d:g}']:.0f}%)" if f"{d:g}" in actual else f"{d:g}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (% of context)")
+    ax.set_ylabel("needle depth: requested (actual), % of context")
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#1a9850", "#d7301f", "#bdbdbd")]
     ax.legend(handles, ["found", "missed", "API error"], loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
@@ -141,19 +209,30 @@ def _short(n: int) -> str:
 
 def main(target: Target, args: Any) -> dict[str, Any]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not 1 <= args.needles <= len(CITIES):
+        raise ValueError(f"--needles {args.needles}: plant between 1 and {len(CITIES)} (the cities available)")
+    check_templates(args.needle, args.question, args.answer_prefix, args.ending)
+    target.check_length(max(args.lengths) + args.max_tokens)
+    haystack = load_haystack(args.haystack)
+    identity = {
+        "eval": "niah", "target": target.identity, "seed": args.seed, "haystack": haystack.name,
+        "haystack_fingerprint": fingerprint(haystack.sep, haystack.units), "needles": args.needles,
+        "needle": args.needle, "question": args.question, "answer_prefix": args.answer_prefix,
+        "ending": args.ending, "ask_each": args.ask_each, "max_tokens": args.max_tokens,
+    }  # fmt: skip
+    results = Results(out, identity)
     grid = cells(
-        target, args.lengths, args.depths, haystack=load_haystack(args.haystack), needles=args.needles,
-        samples=args.samples, seed=args.seed, needle=args.needle, question=args.question,
-        answer_prefix=args.answer_prefix, max_tokens=args.max_tokens,
+        target, args.lengths, args.depths, haystack=haystack, needles=args.needles, samples=args.samples,
+        seed=args.seed, needle=args.needle, question=args.question, answer_prefix=args.answer_prefix,
+        ending=args.ending, ask_each=args.ask_each, max_tokens=args.max_tokens,
     )  # fmt: skip
-    results = Results(out / "results.jsonl")
     run(grid, target, results, "niah", quiet=args.quiet)
     keys = {c.key for c in grid}
     rows = [r for k, r in results.rows.items() if k in keys]
     summary = summarize(rows)
-    summary.update(target=target.name, task="niah", needles=args.needles)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "cells": rows}, indent=1))
+    summary.update(target=target.name, task="niah", needles=args.needles, haystack=haystack.name,
+                   ending=args.ending, ask_each=args.ask_each)  # fmt: skip
+    atomic_write(out / "results.json", json.dumps({"summary": summary, "cells": rows}, indent=1))
     title = f"needle in a haystack: {re.sub(r'^.*/', '', target.name)}" + (
         f" ({args.needles} needles)" if args.needles > 1 else ""
     )

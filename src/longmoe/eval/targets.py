@@ -5,6 +5,7 @@ error (grey), never as a miss."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -14,20 +15,41 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
+from ..errors import LongmoeError
+
 TRANSIENT = {408, 429, 500, 502, 503, 504}
 
 
-class TargetError(RuntimeError):
+class TargetError(LongmoeError, RuntimeError):
     """A call that failed for good (after retries, or a non-transient status); not a wrong answer."""
 
 
 class Target(Protocol):
     name: str
+    identity: dict  # what results are credited to: a model directory and its content, or an endpoint and model
     concurrency: int
 
     def count_tokens(self, text: str) -> int: ...
 
     def generate(self, prompt: str, max_tokens: int) -> str: ...
+
+    def check_length(self, tokens: int) -> None: ...
+
+
+def model_fingerprint(path: Path) -> str:
+    """A content hash of a model directory: config, tokenizer, and every weight file's header, size and first and
+    last MiB (hashing many GB of weights for every evaluation would take minutes; this catches any retraining)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name in ("config.json", "tokenizer.json", "generation_config.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                h.update(f"{f.name}:{size}".encode() + fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 class LocalTarget:
@@ -44,6 +66,7 @@ class LocalTarget:
         if self.model.tokenizer is None:
             raise TargetError(f"{path} has no tokenizer.json; text evaluations need one")
         self.name = str(path)
+        self.identity = {"kind": "local", "path": str(Path(path).resolve()), "content": model_fingerprint(Path(path))}
         self._lock = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
@@ -53,6 +76,15 @@ class LocalTarget:
         with self._lock:
             return self.model.generate(prompt, max_new_tokens=max_tokens).text
 
+    def check_length(self, tokens: int) -> None:
+        """Refuse, before any work, lengths (prompt + answer) beyond what the model accepts."""
+        limit = self.model.engine.max_context
+        if tokens > limit:
+            raise TargetError(
+                f"--lengths up to {tokens:,} tokens (with the answer) exceed this model's context of {limit:,} tokens; "
+                "drop the longer lengths"
+            )
+
 
 class HttpTarget:
     """Common HTTP plumbing: JSON POST with retries on transient errors."""
@@ -60,9 +92,15 @@ class HttpTarget:
     def __init__(self, url: str, api_key: str | None, model_name: str, *, concurrency: int = 4, retries: int = 5,
                  timeout: float = 600.0, backoff: float = 1.0):  # fmt: skip
         self.url, self.api_key, self.model_name = url.rstrip("/"), api_key, model_name
+        if concurrency < 1 or retries < 0:
+            raise TargetError(f"--concurrency must be >= 1 and --retries >= 0, got {concurrency} and {retries}")
         self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff
         self.name = f"{self.url} ({model_name})"
+        self.identity = {"kind": type(self).__name__, "url": self.url, "model": model_name}
         self.calls = 0  # HTTP requests sent, retries included
+
+    def check_length(self, tokens: int) -> None:
+        pass  # an endpoint says itself what it cannot take (an error cell)
 
     def headers(self) -> dict[str, str]:
         return {"Content-Type": "application/json"}
@@ -74,7 +112,10 @@ class HttpTarget:
             self.calls += 1
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    out = json.loads(resp.read())
+                if not isinstance(out, dict):
+                    raise TargetError(f"{url} answered with JSON that is not an object: {str(out)[:100]}")
+                return out
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
                 if e.code not in TRANSIENT or attempt == self.retries:
@@ -103,9 +144,10 @@ class GeminiTarget(HttpTarget):
 
     def count_tokens(self, text: str) -> int:
         out = self.post(self._model_url("countTokens"), {"contents": [{"role": "user", "parts": [{"text": text}]}]})
-        if "totalTokens" not in out:
-            raise TargetError(f"countTokens answered without totalTokens: {str(out)[:200]}")
-        return int(out["totalTokens"])
+        n = out.get("totalTokens")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TargetError(f"countTokens answered without a token count (totalTokens = {n!r}): {str(out)[:200]}")
+        return n
 
     def generate(self, prompt: str, max_tokens: int) -> str:
         body = {
@@ -115,10 +157,14 @@ class GeminiTarget(HttpTarget):
         out = self.post(self._model_url("generateContent"), body)
         try:
             parts = out["candidates"][0]["content"]["parts"]
+            texts = [p["text"] for p in parts if "text" in p]
         except (KeyError, IndexError, TypeError):
-            reason = (out.get("promptFeedback") or {}).get("blockReason") or str(out)[:200]
+            feedback = out.get("promptFeedback")
+            reason = (feedback.get("blockReason") if isinstance(feedback, dict) else None) or str(out)[:200]
             raise TargetError(f"generateContent returned no text ({reason})") from None
-        return "".join(p.get("text", "") for p in parts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TargetError(f"generateContent returned no text (parts: {str(parts)[:200]})")
+        return "".join(texts)
 
 
 class OpenAITarget(HttpTarget):
@@ -132,6 +178,7 @@ class OpenAITarget(HttpTarget):
         from ..tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer(tokenizer)
+        self.identity["tokenizer"] = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()[:16]
 
     def headers(self) -> dict[str, str]:
         h = super().headers()
@@ -148,6 +195,9 @@ class OpenAITarget(HttpTarget):
                 "max_tokens": max_tokens}  # fmt: skip
         out = self.post(f"{base}/chat/completions", body)
         try:
-            return out["choices"][0]["message"]["content"] or ""
+            content = out["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise TargetError(f"chat/completions returned no message: {str(out)[:200]}") from None
+        if not isinstance(content, str):
+            raise TargetError(f"chat/completions returned no text (content = {content!r})")
+        return content

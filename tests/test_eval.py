@@ -212,8 +212,8 @@ def test_nll_needs_a_local_model(server, tmp_path):
 
 
 def test_bad_arguments_are_clear(tmp_path):
-    proc = run_eval("niah", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "give exactly one target" in proc.stderr
+    proc = run_eval("niah", "--model", "x", "--gemini-url", "http://x", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "give one target" in proc.stderr
     proc = run_eval("niah", "--model", "x", "--lengths", "1000,abc", "--out", str(tmp_path))
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
     proc = run_eval("niah", "--model", "x", "--depths", "150", "--out", str(tmp_path))

@@ -306,3 +306,34 @@ def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(tm
     trainer.close()
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
     assert not list((tmp_path / "checkpoints").glob(".step-*"))  # the half-written one is gone
+
+
+def test_synthetic_retrieval_and_copy_rows():
+    """Rows of exactly the asked length; every asked value is planted in the context, under a key that is never one
+    of the evaluation's cities; only answers are targets. Copy rows repeat text that occurred earlier."""
+    from longmoe.corpora import python_docs_text
+    from longmoe.tasks import CITIES
+    from longmoe.train.synthetic import TRAIN_PLACES, copy_row, retrieval_row
+
+    assert not set(TRAIN_PLACES) & set(CITIES)
+    docs = list(python_docs_text())
+    enc = lambda s: list(s.encode())  # noqa: E731
+    for seed in range(60):
+        length = [257, 1024, 4096][seed % 3]
+        ids, marks = retrieval_row(random.Random(seed), length, enc, 256, docs)
+        assert len(ids) == len(marks) == length
+        first = marks.index(1)
+        context = bytes(t for t in ids[:first] if t < 256).decode(errors="replace")
+        tail = bytes(t for t in ids[first:] if t < 256).decode()
+        for line in tail.strip().split("\n"):
+            value = line.rstrip(".").split(" ")[-1]
+            assert value in context, (seed, line)
+            assert not any(f" {c} " in line for c in CITIES), line
+        answered = bytes(t for t, m in zip(ids, marks) if m and t < 256).decode()
+        assert "What is" not in answered  # questions are not targets
+        ids, marks = copy_row(random.Random(seed), length, enc, 256, docs)
+        assert len(ids) == len(marks) == length and sum(marks) > 0
+        span_end = max(i for i, m in enumerate(marks[:-1]) if m) + 1
+        span_start = span_end - 8
+        needle = ids[span_start:span_end]
+        assert any(ids[i : i + 8] == needle for i in range(span_start - 8))  # seen before in the row

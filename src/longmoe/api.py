@@ -198,15 +198,28 @@ class TextStream:
                 engine.abandon(seq)
 
 
+BUNDLED = Path(__file__).with_name("data") / "bundled"  # the model made by recipes/bundled, shipped in the package
+
+
+def bundled_path() -> Path:
+    """The directory of the bundled model (package data)."""
+    if not (BUNDLED / "config.json").exists():
+        raise CheckpointError(f"this install has no bundled model ({BUNDLED} is missing); pass a model directory")
+    return BUNDLED
+
+
 def load(
-    path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", **engine_options: Any
+    path: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu", **engine_options: Any
 ) -> Model:
-    """Load a model directory (transformers format: config.json, *.safetensors, tokenizer.json; or native longmoe).
+    """Load a model directory (transformers format: config.json, *.safetensors, tokenizer.json; or native longmoe);
+    with no path, the bundled model (see its model card: longmoe.api.BUNDLED / "README.md").
     dtype: "auto" (the checkpoint's; float32 on a CPU without bf16/fp16 instructions), "float32", "bfloat16" or
     "float16". device: "cpu", "cuda", "cuda:1", ... engine_options go to `Engine` (kv_dtype="fp8", chunk_size,
     block_size, kv_memory, max_batch_tokens, max_seqs, max_context) and are checked here, before the weights are
     read."""
     check_options(**engine_options)
+    if path is None:
+        path = bundled_path()
     if not isinstance(path, (str, Path)):
         raise TypeError(f"load() takes a model directory path, got {type(path).__name__}")
     ckpt = load_checkpoint(path, dtype, device=device)

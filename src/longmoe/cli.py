@@ -12,7 +12,8 @@ DESCRIPTION = """\
 longmoe: open sparse Mixture-of-Experts long-context transformers.
 
 Run a transformers-format model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, Llama 4 text,
-Llama, Qwen3, or a native longmoe checkpoint) on this machine. Run `longmoe COMMAND --help` for details."""
+Llama, Qwen3, or a native longmoe checkpoint) on this machine; with no --model, the bundled model (a small MoE that
+finds a needle in a million tokens). Start with `longmoe demo`. Run `longmoe COMMAND --help` for details."""
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue a raw-text prompt (no chat template). Only the generated text goes to stdout; "
         "diagnostics go to stderr.",
     )
-    g.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json + *.safetensors)")
+    g.add_argument("--model", metavar="DIR", help="model directory (config.json + *.safetensors); default: the "
+                   "bundled model")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text; '-' reads it from stdin")
     g.add_argument(
         "--context-file",
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="eval_command", metavar="EVAL")
     common = argparse.ArgumentParser(add_help=False)
     tg = common.add_argument_group("target (one of)")
-    tg.add_argument("--model", metavar="DIR", help="a local model directory, run by longmoe's engine")
+    tg.add_argument("--model", metavar="DIR", help="a local model directory, run by longmoe's engine (default, with no "
+                    "other target: the bundled model)")
     tg.add_argument("--gemini-url", metavar="URL", help="a server speaking the Gemini API (v1beta)")
     tg.add_argument("--openai-url", metavar="URL", help="a server speaking the OpenAI chat API")
     tg.add_argument("--api-key", metavar="K", help="API key for the endpoint")
@@ -137,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--answer-prefix", default="The special magic {city} number is:", help="answer prefix template")
     n.add_argument("--ending", default="answer-prefix", choices=["answer-prefix", "question"],
                    help="how the prompt ends: with the answer prefix (default) or the question alone")
+    n.add_argument("--keys", default="cities", choices=["cities", "names", "words", "uuids"],
+                   help="what {city} is filled with (default: the report's cities)")
+    n.add_argument("--values", default="numbers", choices=["numbers", "words", "uuids"],
+                   help="what {value} is filled with (default: 7-digit numbers)")
     n.add_argument("--max-tokens", type=int, default=32, metavar="N", help="answer length limit (32)")
 
     r = esub.add_parser("ruler", parents=[common], help="RULER tasks (no downloads) and the effective length",
@@ -159,9 +166,63 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a model's size: total and active parameters per token, layers, experts, attention "
         "layout, KV-cache bytes per token and maximum context.",
     )
-    i.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    i.add_argument("--model", metavar="DIR", help="model directory (default: the bundled model)")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _dtype_arg(i)
+
+    d = sub.add_parser(
+        "demo",
+        help="the bundled model finds a needle in 1K..128K-token haystacks on this CPU (the README's first command)",
+        description="Needle in a haystack with the bundled model (or --model DIR): lengths 1K, 2K, 4K, ... up to "
+        "--max-length, five depths, every trial through the engine. Prints recall by length x depth and the time "
+        "per trial, writes heatmap.png, and says what to try next.",
+    )
+    d.add_argument("--max-length", type=int, default=131072, metavar="N", help="longest haystack (default: 131072)")
+    d.add_argument("--haystack", default="perl-docs", metavar="NAME|PATH",
+                   help="perl-docs (default: prose the bundled model never saw), perl-code, python-docs, a text file "
+                   "or a directory of source code")  # fmt: skip
+    d.add_argument("--depths", type=_float_list, default=[0, 25, 50, 75, 100], metavar="D,D,...",
+                   help="needle depths in percent (default: 0,25,50,75,100)")
+    d.add_argument("--samples", type=int, default=1, metavar="N", help="trials per length and depth (default: 1)")
+    d.add_argument("--model", metavar="DIR", help="another model directory (default: the bundled model)")
+    d.add_argument("--chunk-size", type=int, default=16384, metavar="N", help="prefill chunk (default: 16384)")
+    d.add_argument("--out", metavar="DIR", help="results directory (default: longmoe-demo/HAYSTACK-MAXLENGTH)")
+
+    s = sub.add_parser(
+        "serve",
+        help="an HTTP server: the Gemini API (google-genai works unchanged), an OpenAI-compatible API, a playground",
+        description="Serve one model over HTTP: the Gemini API (/v1beta and /v1: models, generateContent, "
+        "streamGenerateContent, countTokens, cachedContents, files), the OpenAI API (/v1/chat/completions, "
+        "/v1/completions, /v1/models), a playground at /, /metrics, /healthz and /openapi.json. Requests share the "
+        "engine's continuous batching. Files and cached contents are kept under --data-dir across restarts.",
+    )
+    s.add_argument("--model", metavar="DIR", help="model directory (default: the bundled model)")
+    s.add_argument("--model-name", metavar="NAME", help="the name clients use (default: the directory's name; "
+                   "longmoe-bundled for the bundled model)")  # fmt: skip
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 = any free port)")
+    s.add_argument("--api-key", metavar="K", default=os.environ.get("LONGMOE_API_KEY"),
+                   help="the key clients must send (x-goog-api-key, ?key= or Authorization: Bearer); default: "
+                   "$LONGMOE_API_KEY, else none (then only loopback addresses may be bound)")  # fmt: skip
+    s.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without a key")
+    s.add_argument("--data-dir", metavar="D", help="where files and cached contents are kept (default: "
+                   "$LONGMOE_DATA_DIR, else $XDG_DATA_HOME/longmoe or ~/.local/share/longmoe)")  # fmt: skip
+    s.add_argument("--max-output-tokens", type=int, metavar="N",
+                   help="the model's outputTokenLimit, also the default answer length (default: 8192, at most the "
+                   "context)")  # fmt: skip
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests in flight at most; more get 429 with Retry-After (default: %(default)s)")
+    s.add_argument("--max-request-bytes", type=int, default=64 << 20, metavar="N",
+                   help="largest JSON body, 413 beyond (default: 64 MiB; uploads go in chunks)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests get to finish (default: %(default)s)")
+    s.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="KV cache dtype (fp8: half of bf16)")
+    s.add_argument("--chunk-size", type=int, default=2048, metavar="N", help="prefill chunk (default: %(default)s)")
+    s.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="accept prompts + answers up to N tokens (default: the model's context)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _dtype_arg(s)
     return parser
 
 
@@ -288,8 +349,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.samples is None:
         args.samples = DEFAULT_SAMPLES if args.eval_command == "ruler" else 1
     chosen = [x for x in (args.model, args.gemini_url, args.openai_url) if x]
-    if len(chosen) != 1:
-        raise ValueError("give exactly one target: --model DIR, --gemini-url URL or --openai-url URL")
+    if len(chosen) > 1:
+        raise ValueError("give one target: --model DIR, --gemini-url URL or --openai-url URL (none: the bundled model)")
     for name, low in (("samples", 1), ("retries", 0), ("concurrency", 1), ("max_tokens", 1)):
         if getattr(args, name, low) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -318,6 +379,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo
+
+    if args.samples < 1 or args.chunk_size < 1:
+        raise ValueError("--samples and --chunk-size must be >= 1")
+    try:
+        return demo(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import longmoe
 
@@ -333,6 +406,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:  # fastapi / uvicorn missing from a minimal install
+        raise ValueError(f"the server needs {e.name}: pip install 'longmoe' with its dependencies") from None
+    return serve(
+        args.model, model_name=args.model_name, host=args.host, port=args.port, api_key=args.api_key,
+        insecure_no_auth=args.insecure_no_auth, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
+        kv_dtype=args.kv_dtype, chunk_size=args.chunk_size, max_context=args.max_context,
+        max_output_tokens=args.max_output_tokens, max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -342,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LongmoeError
 
     try:
-        commands = {"generate": cmd_generate, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}
+        commands = {"generate": cmd_generate, "info": cmd_info, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+                    "serve": cmd_serve}
         return commands[args.command](args)
     except BrokenPipeError:  # `longmoe generate ... | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

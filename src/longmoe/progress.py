@@ -21,7 +21,9 @@ class Progress:
         self.last = 0.0
         self.tty = sys.stderr.isatty()
 
-    def update(self, done: int, info: str = "") -> None:
+    def update(self, done: float, info: str = "", count: str | None = None) -> None:
+        """`done` of `total` units of work (the rate and ETA); `count` replaces "done/total" in the line, e.g. when
+        the units are tokens and the line counts cells."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -30,7 +32,8 @@ class Progress:
         self.last = now
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = f"{self.desc} {done}/{self.total} [{fmt_seconds(now - self.t0)} < {fmt_seconds(eta)}] {info}".strip()
+        count = count or f"{done}/{self.total}"
+        line = f"{self.desc} {count} [{fmt_seconds(now - self.t0)} < {fmt_seconds(eta)}] {info}".strip()
         if self.tty:
             sys.stderr.write("\r\033[K" + line + ("\n" if done >= self.total else ""))
         else:

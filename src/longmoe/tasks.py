@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 from .corpora import python_docs_text
 
@@ -68,8 +69,40 @@ def default_haystack() -> tuple[str, ...]:
     return tuple(out)
 
 
+NAMES = (
+    "Amara Bastian Camille Desmond Elif Fabian Giulia Hamza Isolde Joaquin Keiko Leonie Matteo Nadia Oskar Priya "
+    "Quinn Rafael Sigrid Tobias Ursula Viktor Wanjiru Xavier Yara Zoltan Adele Bruno Celeste Dario Esme Felix"
+).split()
+
+
 def number(rng: random.Random) -> str:
     return str(rng.randint(1_000_000, 9_999_999))
+
+
+def uuid_value(rng: random.Random) -> str:
+    h = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@lru_cache(maxsize=1)
+def common_words() -> tuple[str, ...]:
+    """English words (the list RULER's tasks use here), for word keys and values."""
+    return tuple((Path(__file__).parent / "eval" / "words.txt").read_text().split())
+
+
+# What a needle's key ({city}) and value ({value}) may be: the Gemini report's cities and 7-digit numbers, or other
+# kinds to see how far retrieval generalises.
+KEY_KINDS: dict[str, Callable[[random.Random, int], list[str]]] = {
+    "cities": lambda rng, n: rng.sample(CITIES, n),
+    "names": lambda rng, n: rng.sample(NAMES, n),
+    "words": lambda rng, n: rng.sample(common_words(), n),
+    "uuids": lambda rng, n: [uuid_value(rng) for _ in range(n)],
+}
+VALUE_KINDS: dict[str, Callable[[random.Random], str]] = {
+    "numbers": number,
+    "words": lambda rng: rng.choice(common_words()),
+    "uuids": uuid_value,
+}
 
 
 def fill(sentences: Sequence[str], budget: int, count: CountFn, rng: random.Random) -> list[str]:
@@ -136,10 +169,13 @@ def _draw_needles(
     needle: str = NEEDLE,
     question: str = QUESTION,
     answer_prefix: str = ANSWER_PREFIX,
+    key_kind: str = "cities",
+    value_kind: str = "numbers",
 ) -> tuple[list[str], Task]:
     """The needle sentences and a Task without its context yet."""
-    cities = rng.sample(CITIES, keys + distractors)
-    facts = {c: [number(rng) for _ in range(values if i < keys else 1)] for i, c in enumerate(cities)}
+    cities = KEY_KINDS[key_kind](rng, keys + distractors)
+    value = VALUE_KINDS[value_kind]
+    facts = {c: [value(rng) for _ in range(values if i < keys else 1)] for i, c in enumerate(cities)}
     needles = [needle.format(city=c, value=v) for c, vs in facts.items() for v in vs]
     asked = cities[:queries]
     if queries == 1:

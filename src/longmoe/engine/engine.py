@@ -12,7 +12,6 @@ the pin functions are safe to call from any thread.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 import time
 from collections import deque
@@ -30,8 +29,10 @@ from .kv_cache import OutOfBlocks, PagedKVCache, Row, block_hashes
 from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
 
-_LIBC_NAME = ctypes.util.find_library("c")
-_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
+try:
+    _LIBC = ctypes.CDLL(None)  # the C library this process already uses (find_library would spawn processes)
+except OSError:  # pragma: no cover
+    _LIBC = None
 
 
 def _malloc_trim() -> None:

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from ..corpora import HAYSTACKS, builtin_haystack, source_files
-from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, Task, default_haystack, needle_task_from, split_sentences
+from ..tasks import (
+    ANSWER_PREFIX,
+    CITIES,
+    NAMES,
+    NEEDLE,
+    QUESTION,
+    Task,
+    default_haystack,
+    needle_task_from,
+    split_sentences,
+)
 from ..tasks import window as take_window
 from .runner import Cell, Results, atomic_write, fingerprint, fit, run
 from .targets import Target, TargetError
@@ -99,6 +109,8 @@ def cells(
     ending: str = "answer-prefix",
     ask_each: bool = False,
     max_tokens: int = 32,
+    keys: str = "cities",
+    values: str = "numbers",
 ) -> list[Cell]:
     units = haystack.units
     sample = haystack.sep.join(units[:64])
@@ -118,7 +130,7 @@ def cells(
                     return needle_task_from(
                         random.Random(f"{seed}:{key}:task"), take_window(units, start, n), depth=depth / 100,
                         count=count, sep=haystack.sep, keys=needles, queries=1 if ask_each else needles,
-                        needle=needle, question=question, answer_prefix=prefix,
+                        needle=needle, question=question, answer_prefix=prefix, key_kind=keys, value_kind=values,
                     )  # fmt: skip
 
                 def exact(b=build, n=length) -> Task:
@@ -127,7 +139,7 @@ def cells(
                     return _ask_each(task, question, prefix) if ask_each else task
 
                 meta = {"task": "niah", "needles": needles, "length": length, "depth": depth, "sample": s}
-                out.append(Cell(key, meta, exact, max_tokens))
+                out.append(Cell(key, meta, exact, max_tokens, weight=length))
     return out
 
 
@@ -142,26 +154,42 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     scored = [r for r in rows if r.get("score") is not None]
     per_length: dict[int, list[float]] = {}
     per_depth: dict[float, list[float]] = {}
+    grid: dict[int, dict[float, list[float]]] = {}
+    seconds: dict[int, list[float]] = {}
     for r in scored:
         per_length.setdefault(r["length"], []).append(r["score"])
         per_depth.setdefault(r["depth"], []).append(r["depth_actual"])
+        grid.setdefault(r["length"], {}).setdefault(r["depth"], []).append(r["score"])
+        seconds.setdefault(r["length"], []).append(r.get("seconds", 0.0))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {
-        "recall": sum(r["score"] for r in scored) / len(scored) if scored else None,
-        "recall_per_length": {str(k): sum(v) / len(v) for k, v in sorted(per_length.items())},
-        "actual_depth_per_depth": {f"{k:g}": round(100 * sum(v) / len(v), 2) for k, v in sorted(per_depth.items())},
+        "recall": mean([r["score"] for r in scored]) if scored else None,
+        "recall_per_length": {str(k): mean(v) for k, v in sorted(per_length.items())},
+        "recall_grid": {str(n): {f"{d:g}": mean(v) for d, v in sorted(g.items())} for n, g in sorted(grid.items())},
+        "seconds_per_trial": {str(k): round(mean(v), 2) for k, v in sorted(seconds.items())},
+        "trials": len(scored),
+        "actual_depth_per_depth": {f"{k:g}": round(100 * mean(v), 2) for k, v in sorted(per_depth.items())},
         "cells": len(rows),
         "errors": sum(r.get("error") is not None for r in rows),
     }
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = [f"{'length':>10} | recall", f"{'-' * 10}-+-------"]
+    """Recall by length (rows) and depth (columns), the recall per length and the time of one trial."""
+    depths = sorted({d for g in summary["recall_grid"].values() for d in g}, key=float)
+    head = f"{'length':>10} |" + "".join(f"{d + '%':>7}" for d in depths) + " | recall | s/trial"
+    lines = [head, "-" * len(head)]
     for length, rec in summary["recall_per_length"].items():
-        lines.append(f"{int(length):>10,} | {100 * rec:5.1f}%")
+        g = summary["recall_grid"][length]
+        cols = "".join(f"{100 * g[d]:6.0f}%" if d in g else f"{'-':>7}" for d in depths)
+        secs = summary["seconds_per_trial"].get(length, 0.0)
+        lines.append(f"{int(length):>10,} |{cols} | {100 * rec:5.1f}% | {secs:7.1f}")
     overall = summary["recall"]
-    lines.append(f"{'overall':>10} | {100 * overall:5.1f}%" if overall is not None else "   overall | n/a")
+    lines.append(f"{'overall':>10} | {100 * overall:5.1f}% of {summary['trials']} trials" if overall is not None
+                 else "   overall | n/a")  # fmt: skip
     if "ending" in summary:
-        lines.append(f"haystack {summary['haystack']}; prompt ending: {summary['ending']}"
+        lines.append(f"haystack {summary['haystack']}; keys {summary.get('keys', 'cities')}, values "
+                     f"{summary.get('values', 'numbers')}; prompt ending: {summary['ending']}"
                      + ("; each needle asked on its own" if summary.get("ask_each") else ""))  # fmt: skip
     if summary["errors"]:
         lines.append(f"({summary['errors']} cells failed with API errors: grey, not counted as misses)")
@@ -209,8 +237,10 @@ def _short(n: int) -> str:
 
 def main(target: Target, args: Any) -> dict[str, Any]:
     out = Path(args.out)
-    if not 1 <= args.needles <= len(CITIES):
-        raise ValueError(f"--needles {args.needles}: plant between 1 and {len(CITIES)} (the cities available)")
+    keys, values = getattr(args, "keys", "cities"), getattr(args, "values", "numbers")
+    available = {"cities": len(CITIES), "names": len(NAMES)}.get(keys, 1000)
+    if not 1 <= args.needles <= available:
+        raise ValueError(f"--needles {args.needles}: plant between 1 and {available} (the {keys} available)")
     check_templates(args.needle, args.question, args.answer_prefix, args.ending)
     target.check_length(max(args.lengths) + args.max_tokens)
     haystack = load_haystack(args.haystack)
@@ -218,20 +248,21 @@ def main(target: Target, args: Any) -> dict[str, Any]:
         "eval": "niah", "target": target.identity, "seed": args.seed, "haystack": haystack.name,
         "haystack_fingerprint": fingerprint(haystack.sep, haystack.units), "needles": args.needles,
         "needle": args.needle, "question": args.question, "answer_prefix": args.answer_prefix,
-        "ending": args.ending, "ask_each": args.ask_each, "max_tokens": args.max_tokens,
+        "ending": args.ending, "ask_each": args.ask_each, "max_tokens": args.max_tokens, "keys": keys,
+        "values": values,
     }  # fmt: skip
     results = Results(out, identity)
     grid = cells(
         target, args.lengths, args.depths, haystack=haystack, needles=args.needles, samples=args.samples,
         seed=args.seed, needle=args.needle, question=args.question, answer_prefix=args.answer_prefix,
-        ending=args.ending, ask_each=args.ask_each, max_tokens=args.max_tokens,
+        ending=args.ending, ask_each=args.ask_each, max_tokens=args.max_tokens, keys=keys, values=values,
     )  # fmt: skip
     run(grid, target, results, "niah", quiet=args.quiet)
     keys = {c.key for c in grid}
     rows = [r for k, r in results.rows.items() if k in keys]
     summary = summarize(rows)
     summary.update(target=target.name, task="niah", needles=args.needles, haystack=haystack.name,
-                   ending=args.ending, ask_each=args.ask_each)  # fmt: skip
+                   ending=args.ending, ask_each=args.ask_each, keys=keys, values=values)  # fmt: skip
     atomic_write(out / "results.json", json.dumps({"summary": summary, "cells": rows}, indent=1))
     title = f"needle in a haystack: {re.sub(r'^.*/', '', target.name)}" + (
         f" ({args.needles} needles)" if args.needles > 1 else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -77,6 +78,7 @@ class Cell:
     meta: dict[str, Any]  # what the results file records about the cell (task, length, depth, ...)
     build: Callable[[], Task]  # sized with the target's tokenizer; called in a worker thread
     max_tokens: int
+    weight: float = 1.0  # its share of the work (e.g. its length), for the progress line's ETA
 
 
 class Results:
@@ -141,6 +143,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 def evaluate(cell: Cell, target: Target) -> dict[str, Any]:
     row: dict[str, Any] = {"key": cell.key, **cell.meta}
+    t0 = time.perf_counter()
     try:
         task = cell.build()
         prompt = task.prompt()
@@ -161,6 +164,7 @@ def evaluate(cell: Cell, target: Target) -> dict[str, Any]:
         raise  # the target cannot be measured at all: stop the run
     except (TargetError, TaskTooShort) as e:
         row.update(score=None, error=str(e)[:300])
+    row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
 
@@ -169,8 +173,10 @@ def run(cells: list[Cell], target: Target, results: Results, desc: str, quiet: b
     flight; everything measured so far is already on disk."""
     todo = [c for c in cells if c.key not in results.rows]
     done = len(cells) - len(todo)
-    progress = Progress(len(cells), desc, start=done, enabled=not quiet)
-    progress.update(done)
+    work = {c.key: c.weight for c in cells}
+    done_work = sum(work[c.key] for c in cells if c.key in results.rows)
+    progress = Progress(sum(work.values()), desc, start=done_work, enabled=not quiet)
+    progress.update(done_work, count=f"{done}/{len(cells)}")
     pool = ThreadPoolExecutor(max_workers=max(1, target.concurrency))
     pending = set()
     it = iter(todo)
@@ -185,10 +191,12 @@ def run(cells: list[Cell], target: Target, results: Results, desc: str, quiet: b
                 break
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                results.add(fut.result())
+                row = fut.result()
+                results.add(row)
                 done += 1
+                done_work += work[row["key"]]
                 scored = [r["score"] for r in results.rows.values() if r.get("score") is not None]
                 mean = sum(scored) / len(scored) if scored else 0.0
-                progress.update(done, f"score {100 * mean:.1f}%")
+                progress.update(done_work, f"score {100 * mean:.1f}%", count=f"{done}/{len(cells)}")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

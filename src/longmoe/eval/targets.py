@@ -60,8 +60,9 @@ class LocalTarget:
     def __init__(self, path: str | Path | None, **engine_options):
         import longmoe
 
-        if path is None:
-            raise TargetError("no --model given (and no bundled model is installed yet); pass --model DIR")
+        from ..api import bundled_path
+
+        path = path or bundled_path()  # no --model: the bundled model
         self.model = longmoe.load(path, **engine_options)
         if self.model.tokenizer is None:
             raise TargetError(f"{path} has no tokenizer.json; text evaluations need one")

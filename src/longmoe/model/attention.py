@@ -15,6 +15,7 @@ Packed sequences (several documents in one row) are described by `Segment`s buil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -139,16 +140,23 @@ def _sliding(q, k, v, end, scale, window):
         b = min(a + block, end)
         lo = max(a - window + 1, k_start)
         ks = slice(lo - k_start, b - k_start)
-        q_pos = torch.arange(a, b, device=q.device)[:, None]
-        k_pos = torch.arange(lo, b, device=q.device)[None, :]
-        visible = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [block, <= W + block]
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        bias = _band(a - lo, b - a, b - lo, window, q.dtype, q.device)  # [block, <= W + block]
         o, lse = sdpa(
             q[:, :, a - q_start : b - q_start], k[:, :, ks], v[:, :, ks], causal=False, scale=scale, bias=bias
         )
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@lru_cache(maxsize=64)
+def _band(offset: int, n_q: int, n_k: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask of a sliding-window block: query i (at key index i + offset) sees keys j with
+    i + offset - window < j <= i + offset. Every interior block has the same one, so it is built once."""
+    i = torch.arange(n_q, device=device)[:, None] + offset
+    j = torch.arange(n_k, device=device)[None, :]
+    visible = (j <= i) & (j > i - window)
+    return torch.zeros(n_q, n_k, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 def sdpa(

@@ -24,7 +24,8 @@ class DataConfig:
     tokenizer: str = "bytes"  # "bytes" (one token per byte), "bpe:N" (train an N-token BPE first), or a tokenizer.json
     seq_len: int = 256  # tokens per training sequence (the first stage's; stages may change it)
     synthetic_ratio: float = 0.0  # share of sequences that are synthetic long-context tasks
-    synthetic_tasks: list[str] = field(default_factory=lambda: ["niah"])  # niah, multikey, multivalue, vt, retrieval
+    # niah, multikey, multivalue, vt, retrieval, copy (repeat a name to weight it)
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["niah"])
     # Long synthetic rows in a micro-batch of their own each step, of a length drawn log-uniformly from
     # synthetic_lengths = [min, max] (tokens). Only their answers are targets, so the model's last layer runs only
     # on the answer tail: a row costs O(length x window) when the last layer is the only global one.
@@ -89,6 +90,7 @@ class Stage:
     seq_len: int
     rope_theta: float = 0.0  # 0: keep
     rope_scaling: dict[str, Any] | None = None
+    synthetic_lengths: list[int] | None = None  # new data.synthetic_lengths from this step on (None: keep)
 
 
 TINY_MODEL = dict(
@@ -159,7 +161,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def stages(cfg: TrainConfig) -> list[Stage]:
-    out = [Stage(0, cfg.data.seq_len)]
+    out = [Stage(0, cfg.data.seq_len, synthetic_lengths=cfg.data.synthetic_lengths)]
     for i, s in enumerate(cfg.stages):
         out.append(dataclass_from_dict(Stage, s, f"stages[{i}]"))
     return sorted(out, key=lambda s: s.start_step)
@@ -182,8 +184,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     from ..tasks import TRAIN_TASKS
 
     for t in cfg.data.synthetic_tasks:
-        need(t in TRAIN_TASKS or t == "retrieval",
-             f"data.synthetic_tasks: unknown task {t!r}; choose from {', '.join([*TRAIN_TASKS, 'retrieval'])}")
+        need(t in TRAIN_TASKS or t in ("retrieval", "copy"),
+             f"data.synthetic_tasks: unknown task {t!r}; choose from {', '.join([*TRAIN_TASKS, 'retrieval', 'copy'])}")
     d = cfg.data
     need(d.synthetic_rows >= 0, f"data.synthetic_rows = {d.synthetic_rows}: must be >= 0")
     need(len(d.synthetic_lengths) == 2 and 64 <= d.synthetic_lengths[0] <= d.synthetic_lengths[1],
@@ -234,6 +236,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         need(st.seq_len >= 8, f"stages: seq_len = {st.seq_len} must be >= 8")
         need(st.start_step < cfg.steps,
              f"stages: a stage starts at step {st.start_step}, but training ends after steps = {cfg.steps}")
+        lengths = st.synthetic_lengths
+        need(lengths is None or (len(lengths) == 2 and 64 <= lengths[0] <= lengths[1]),
+             f"stages: synthetic_lengths = {lengths}: give [min, max] tokens with 64 <= min <= max")
         if cfg.parallel.cp > 1:
             need(st.seq_len % (2 * cfg.parallel.cp) == 0,
                  f"seq_len {st.seq_len} must be divisible by 2 x parallel.cp = {2 * cfg.parallel.cp} "

@@ -29,7 +29,7 @@ from ..model.config import ConfigError
 from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, TRAIN_TASKS
 from ..tokenizer import Tokenizer
 from .config import DataConfig
-from .synthetic import retrieval_row
+from .synthetic import copy_row, retrieval_row
 
 TEXT_CHUNK = 1 << 20  # large text files become documents of ~1 MB, split at line breaks
 MIN_DOCUMENTS = 20  # fewer documents than this: text files are read as PIECE-character pieces (see Documents)
@@ -279,9 +279,10 @@ class Batches:
         the context (distractor needles too): several retrievals to learn from per row. Only the question/answer
         text is a target, not the haystack."""
         name = name or rng.choice(self.cfg.synthetic_tasks)
-        if name == "retrieval":
+        if name in ("retrieval", "copy"):
             encode = lambda t: self.tok.encode(t, add_special_tokens=False)  # noqa: E731
-            ids, marks = retrieval_row(rng, n, encode, self.eos, self.haystack())
+            make = retrieval_row if name == "retrieval" else copy_row
+            ids, marks = make(rng, n, encode, self.eos, self.haystack())
             return [(t, i, m) for i, (t, m) in enumerate(zip(ids, marks))]
         task = TRAIN_TASKS[name](rng, n * 2 // 3, self.count)
         qa = [f"\n{task.question} {task.answer_prefix} {', '.join(task.answers)}."]
@@ -323,13 +324,13 @@ class Batches:
             "mask": t[:, 1:, 2].bool(),
         }
 
-    def next_synthetic(self) -> dict[str, torch.Tensor]:
-        """A micro-batch of data.synthetic_rows long synthetic rows of one length (log-uniform in
-        data.synthetic_lengths, a multiple of 64). "outputs" = how many final positions hold targets."""
+    def next_synthetic(self, lengths: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """A micro-batch of data.synthetic_rows long synthetic rows of one length (log-uniform in `lengths`, by
+        default data.synthetic_lengths; a multiple of 64). "outputs" = how many final positions hold targets."""
         cfg = self.cfg
         rng = random.Random(f"{cfg.seed}:synthetic:{self.synthetic_batches}")
         self.synthetic_batches += 1
-        lo, hi = cfg.synthetic_lengths
+        lo, hi = lengths or cfg.synthetic_lengths
         length = max(lo, min(hi, round(math.exp(rng.uniform(math.log(lo), math.log(hi))) / 64) * 64))
         rows = cfg.synthetic_rows
         if cfg.synthetic_tokens:

@@ -164,6 +164,7 @@ class Trainer:
         self.flops_per_token = partial(flops_per_token, self.config, self.model.num_parameters()[1])
         self.stages = stages(cfg)
         self.stage: Stage | None = None
+        self.synthetic_lengths = cfg.data.synthetic_lengths  # the current stage's
         self.model.train()
 
         # parallelism, from the outside in
@@ -230,6 +231,9 @@ class Trainer:
                 self.model.rotary = RotaryEmbedding(c)
             if stage.seq_len > c.max_position_embeddings:
                 c.max_position_embeddings = stage.seq_len
+            # the latest stage that set them (stage 0 always does): the same after a resume
+            self.synthetic_lengths = next(s.synthetic_lengths for s in reversed(self.stages)
+                                          if s.start_step <= self.step and s.synthetic_lengths)  # fmt: skip
             self.stage = stage
         return stage.seq_len
 
@@ -309,7 +313,7 @@ class Trainer:
             micro = [self.data.next(cfg.batch_size, seq_len) for _ in range(cfg.grad_accum)]
             weights = [1.0] * len(micro)
             if cfg.data.synthetic_rows:
-                micro.append(self.data.next_synthetic())
+                micro.append(self.data.next_synthetic(self.synthetic_lengths))
                 weights.append(cfg.data.synthetic_weight)
             # the same on every rank (global batches); a batch with no targets at all contributes nothing
             global_targets = max(sum(w * float(b["mask"].sum()) for w, b in zip(weights, micro)), 1.0)

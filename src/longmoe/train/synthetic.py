@@ -208,3 +208,29 @@ def _retrieval_row(
     marks.append(1)
     pad = length - len(ids)
     return ids + [eos] * pad, marks + [0] * pad
+
+
+def copy_row(
+    rng: random.Random, length: int, encode: Encode, eos: int, documents: Sequence[str]
+) -> tuple[list[int], list[int]]:
+    """Induction practice: real text, then a few spans of that same text repeated at the end, each on a new line.
+    After a span's first tokens the rest is predictable only by finding where it occurred before - the matching a
+    retrieval needs, with a target on every repeated token (dense signal; see the recipe notes)."""
+    spans = rng.choice((1, 2, 3, 4))
+    span_len = [rng.randint(16, 96) for _ in range(spans)]
+    budget = length - sum(n + 1 for n in span_len) - 1
+    if budget < 2 * max(span_len):
+        spans, span_len = 1, [min(span_len[0], max(8, length // 4))]
+        budget = length - span_len[0] - 2
+    hay = encode(haystack_text(rng, documents, int(budget * 1.05) + 64))[:budget]
+    hay += [eos] * (budget - len(hay))
+    ids, marks = list(hay), [0] * len(hay)
+    newline = encode("\n")
+    for n in span_len:
+        start = rng.randrange(max(1, len(hay) - n))
+        span = hay[start : start + n]
+        ids += newline + span
+        marks += [0] * len(newline) + [0] * min(4, n) + [1] * max(0, n - 4)  # its first tokens cannot be known
+    ids, marks = ids[: length - 1] + [eos], marks[: length - 1] + [1]
+    pad = length - len(ids)
+    return ids + [eos] * pad, marks + [0] * pad

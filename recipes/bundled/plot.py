@@ -1,0 +1,93 @@
+"""The training run's curves as PNGs: loss (text, held-out, synthetic answers) by step, and the needle probes of
+probe.py (exact match, attention share and rank of the needle at each probed length) by checkpoint.
+
+    python recipes/bundled/plot.py runs/bundled --out recipes/bundled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def smooth(ys: list[float], k: int = 25) -> list[float]:
+    out, acc = [], []
+    for y in ys:
+        acc.append(y)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+    run, out = Path(args.run), Path(args.out)
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, smooth([r["loss"] for r in rows]), label="text (train, smoothed)", color="#2166ac")
+    if any("synthetic_loss" in r for r in rows):
+        syn = [r for r in rows if "synthetic_loss" in r]
+        ax.plot([r["step"] for r in syn], smooth([r["synthetic_loss"] for r in syn]), label="synthetic answers "
+                "(smoothed)", color="#b2182b")  # fmt: skip
+    held = [r for r in rows if "heldout_loss" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out text",
+                color="#4d9221")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per byte)")
+    ax.set_title(f"training loss: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+    probes = run / "probes.jsonl"
+    if not probes.exists():
+        return
+    points = sorted((json.loads(x) for x in probes.read_text().splitlines()), key=lambda r: r["step"] or 0)
+    lengths = sorted({r["length"] for p_ in points for r in p_["rows"]})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for n in lengths:
+        xs, found, mass, rank = [], [], [], []
+        for p_ in points:
+            rs = [r for r in p_["rows"] if r["length"] == n]
+            if rs:
+                xs.append(p_["step"])
+                found.append(sum(r["found"] for r in rs) / len(rs))
+                mass.append(sum(r["mass"] for r in rs) / len(rs))
+                rank.append(max(r["rank"] for r in rs) + 1)
+        label = f"{n >> 10}K" if n < 1 << 20 else f"{n >> 20}M"
+        axes[0].plot(xs, found, "o-", label=label)
+        axes[1].plot(xs, mass, "o-", label=label)
+        axes[2].plot(xs, rank, "o-", label=label)
+    axes[0].set_title("needle found (exact match)")
+    axes[1].set_title("attention share on the needle (best head)")
+    axes[2].set_title("needle's worst rank among all keys (1 = top)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(title="length")
+    fig.tight_layout()
+    fig.savefig(out / "probes.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -123,9 +123,10 @@ def test_exact_resume_after_sigkill(tmp_path, dtype):
     full = tmp_path / "full"
     train(full, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"')
     killed = tmp_path / "killed"
-    proc = train(killed, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"', wait=False)
+    proc = train(killed, "--steps", "30", "--save-every", "10", "--set", f'dtype="{dtype}"', wait=False,
+                 env={"LONGMOE_TEST_HANG_AFTER_STEP": "24"})  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 once the run is past step 24 (between two checkpoints)
+    while time.time() < deadline:  # kill -9 once the run has logged step 24 and waits (between two checkpoints)
         if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 24:
             break
         time.sleep(0.05)

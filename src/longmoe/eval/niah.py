@@ -258,8 +258,8 @@ def main(target: Target, args: Any) -> dict[str, Any]:
         ending=args.ending, ask_each=args.ask_each, max_tokens=args.max_tokens, keys=keys, values=values,
     )  # fmt: skip
     run(grid, target, results, "niah", quiet=args.quiet)
-    keys = {c.key for c in grid}
-    rows = [r for k, r in results.rows.items() if k in keys]
+    wanted = {c.key for c in grid}
+    rows = [r for k, r in results.rows.items() if k in wanted]
     summary = summarize(rows)
     summary.update(target=target.name, task="niah", needles=args.needles, haystack=haystack.name,
                    ending=args.ending, ask_each=args.ask_each, keys=keys, values=values)  # fmt: skip

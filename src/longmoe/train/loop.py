@@ -448,6 +448,8 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.tb.scalars(row["step"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+        if str(row["step"]) == os.environ.get("LONGMOE_TEST_HANG_AFTER_STEP"):  # tests kill -9 a run here, no race
+            time.sleep(3600)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints: one directory per step, written under a temporary name and renamed when complete

@@ -60,7 +60,8 @@ def main() -> None:
     probes = run / "probes.jsonl"
     if not probes.exists():
         return
-    points = sorted((json.loads(x) for x in probes.read_text().splitlines()), key=lambda r: r["step"] or 0)
+    every = [json.loads(x) for x in probes.read_text().splitlines()]
+    points = sorted((r for r in every if not r.get("fixed_logn")), key=lambda r: r["step"] or 0)
     lengths = sorted({r["length"] for p_ in points for r in p_["rows"]})
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for n in lengths:
@@ -86,6 +87,34 @@ def main() -> None:
         ax.legend(title="length")
     fig.tight_layout()
     fig.savefig(out / "probes.png", dpi=120)
+    plt.close(fig)
+    ablation(every, out)
+
+
+def ablation(every: list[dict], out: Path) -> None:
+    """SSMax as trained vs. its log n held at a training length: the needle's attention share by length."""
+    fixed = [r for r in every if r.get("fixed_logn")]
+    if not fixed:
+        return
+    ckpt = fixed[-1]["checkpoint"]
+    runs = [r for r in every if r["checkpoint"] == ckpt]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for r in sorted(runs, key=lambda r: r.get("fixed_logn", 0)):
+        n_fixed = r.get("fixed_logn", 0)
+        label = "SSMax: q x s log n (as trained)" if not n_fixed else f"log n held at log {n_fixed:,}"
+        lengths = sorted({x["length"] for x in r["rows"]})
+        per = [[x for x in r["rows"] if x["length"] == n] for n in lengths]
+        axes[0].plot(lengths, [sum(x["mass"] for x in p) / len(p) for p in per], "o-", label=label)
+        axes[1].plot(lengths, [sum(x["found"] for x in p) / len(p) for p in per], "o-", label=label)
+    axes[0].set_title("attention share on the needle (best head)")
+    axes[1].set_title("needle found (exact match)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ssmax.png", dpi=120)
     plt.close(fig)
 
 

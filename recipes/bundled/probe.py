@@ -61,7 +61,9 @@ def load_step(ckpt: Path, tokenizer: Path) -> Model:
     return Model(native(model), Tokenizer(tokenizer), chunk_size=16384)
 
 
-def trial(m: Model, hay: str, length: int, depth: float, rng: random.Random) -> dict:
+def trial(m: Model, hay: str, length: int, depth: float, rng: random.Random, fixed_logn: int = 0) -> dict:
+    """One needle at `depth` of a `length`-token prompt. fixed_logn=N: the ablation without length-dependent
+    scaling, SSMax's log n held at log N (exact for the answer's queries, which all sit at about the prompt's end)."""
     key, value = rng.choice(NAMES), str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(key=key, value=value)
     tail = f"\n{QUESTION.format(key=key)} {ANSWER.format(key=key)}"
@@ -80,22 +82,29 @@ def trial(m: Model, hay: str, length: int, depth: float, rng: random.Random) -> 
     h = attn.k_proj.register_forward_hook(lambda mod, args, out: keys.append(out.detach()))
     last = {}  # the input of the prompt's final position to the last layer (recomputed for its query)
     hq = attn.register_forward_hook(lambda mod, args, out: last.update({int(args[1][0, -1]): args[0][0, -1:]}))
+    saved = attn.logn_scale.data.clone() if attn.logn_scale is not None else None
+    if fixed_logn and saved is not None:
+        attn.logn_scale.data *= math.log(fixed_logn) / math.log(len(prompt.encode()))
     t0 = time.perf_counter()
     try:
         out = m.generate(prompt, max_new_tokens=12)
+        stats_scale = attn.logn_scale.data.clone() if saved is not None else None
     finally:
         h.remove()
         hq.remove()
+        if saved is not None:
+            attn.logn_scale.data.copy_(saved)
     seconds = time.perf_counter() - t0
     c = m.config
     T = len(prompt.encode())
     k = torch.cat([x[0] for x in keys], 0)[:T].view(T, c.num_kv_heads, c.head_dim)  # prompt keys [T, Hkv, D]
-    stats = _attention(attn, k, last[T - 1], torch.tensor([[T - 1]]), span)
+    stats = _attention(attn, k, last[T - 1], torch.tensor([[T - 1]]), span, stats_scale)
     return {"length": length, "depth": depth, "found": value in out.text, "answer": out.text, "seconds": seconds,
             **stats}  # fmt: skip
 
 
-def _attention(attn, k: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, span: tuple[int, int]) -> dict:
+def _attention(attn, k: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, span: tuple[int, int],
+               logn_scale: torch.Tensor | None) -> dict:  # fmt: skip
     """Scores of the final query over every prompt key, per head: the needle's best rank and softmax share."""
     c = attn.config
     with torch.no_grad():
@@ -105,8 +114,8 @@ def _attention(attn, k: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, span: 
             q, kk = attn.nope_norm(q), attn.nope_norm(k)
         if c.attn_temperature_tuning:
             q = q * (math.log1p(math.floor((pos.item() + 1) / c.floor_scale)) * c.attn_scale + 1)
-        if attn.logn_scale is not None:
-            q = q * (math.log(pos.item() + 1) * attn.logn_scale.float())[None, :, None]
+        if logn_scale is not None:
+            q = q * (math.log(pos.item() + 1) * logn_scale.float())[None, :, None]
         rep = c.num_heads // c.num_kv_heads
         s = torch.einsum("qhd,thd->ht", q.float(), kk.float().repeat_interleave(rep, dim=1)) * c.scale  # [H, T]
         p = s.softmax(-1)
@@ -127,23 +136,26 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=1, help="trials per length and depth")
     p.add_argument("--every", type=int, default=1, help="probe every k-th checkpoint")
     p.add_argument("--out", help="append results here (JSONL); default RUN/probes.jsonl")
+    p.add_argument("--fixed-logn", type=int, default=0, metavar="N",
+                   help="ablation: hold SSMax's log n at log N (no length-dependent scaling past N tokens)")
     args = p.parse_args()
     run = Path(args.run)
     steps = sorted(run.glob("checkpoints/step-*"))[:: args.every] if (run / "checkpoints").is_dir() else [run]
     if run.parent.name == "checkpoints":  # one checkpoint of a run
         run = run.parent.parent
     out = Path(args.out or (run / "probes.jsonl" if (run / "checkpoints").is_dir() else "probes.jsonl"))
-    done = {json.loads(x)["checkpoint"] for x in out.read_text().splitlines()} if out.exists() else set()
+    rows_done = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["checkpoint"], r.get("fixed_logn", 0)) for r in rows_done}
     hay = validation_haystack()
     for ckpt in steps:
-        if str(ckpt) in done:
+        if (str(ckpt), args.fixed_logn) in done:
             continue
         m = load_step(ckpt, run / "tokenizer.json")
         rng = random.Random(0)
-        rows = [trial(m, hay, int(n), float(d), rng) for n in args.lengths.split(",")
+        rows = [trial(m, hay, int(n), float(d), rng, args.fixed_logn) for n in args.lengths.split(",")
                 for d in args.depths.split(",") for _ in range(args.trials)]  # fmt: skip
         step = int(ckpt.name.split("-")[-1]) if ckpt.name.startswith("step-") else None
-        summary = {"checkpoint": str(ckpt), "step": step, "rows": rows}
+        summary = {"checkpoint": str(ckpt), "step": step, "fixed_logn": args.fixed_logn, "rows": rows}
         with open(out, "a") as f:
             f.write(json.dumps(summary) + "\n")
         for n in args.lengths.split(","):

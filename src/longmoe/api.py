@@ -167,6 +167,7 @@ class Model:
             "cpu": cpu_name(),
             "kernels": kernels.status() if dtype == torch.bfloat16 else f"PyTorch ops ({dtype_name} model; the CPU "
                        "kernels are for bf16)",  # fmt: skip
+            "model_card": str(card) if (card := Path(self.checkpoint.path) / "README.md").exists() else None,
         }
 
     def save(self, out: str | Path, dtype: torch.dtype | None = None) -> None:

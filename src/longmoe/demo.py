@@ -39,7 +39,7 @@ def explain(summary: dict[str, Any], heatmap: Path, haystack: str, seconds: floa
         "engine: chunked prefill into a paged KV cache, then decoding. Its only global attention layer is its last, "
         "so prefill costs O(length x window) and the last layer runs only where the answer is read.\n"
         f"The heatmap is {heatmap}. Go further:\n"
-        "  longmoe demo --max-length 1048576            a million tokens (a few minutes per trial)\n"
+        "  longmoe demo --max-length 1048576            a million tokens (about a minute per trial here)\n"
         "  longmoe demo --haystack perl-code             a code haystack; or --haystack FILE|DIR of your own\n"
         "  longmoe eval niah --lengths 4096,65536 --samples 20 --out runs/niah      the full evaluation\n"
         "  longmoe serve                                 the Gemini-compatible API, with this model\n"

@@ -31,17 +31,18 @@ for w in $what; do
         --samples 2 --out "$out/niah-10-needles" --json > "$out/niah-10-needles.json" ;;
     general)  # how far it generalises: the question alone, another wording, other key and value kinds
       g="--model $model --haystack perl-docs --lengths 4096,32768,131072 --depths $depths --samples 2"
-      $lm eval niah $g --ending question --out "$out/general-question-only" --json > "$out/general-question-only.json"
+      $lm eval niah $g --ending question --max-tokens 64 --out "$out/general-question-only" --json \
+        > "$out/general-question-only.json"  # the answer restates the question first: room for it
       $lm eval niah $g --needle "The secret code of {city} is {value}." --question "What is the secret code of {city}?" \
         --answer-prefix "The secret code of {city} is" --out "$out/general-wording" --json > "$out/general-wording.json"
       for k in names words uuids; do
         $lm eval niah $g --keys $k --out "$out/general-keys-$k" --json > "$out/general-keys-$k.json"
       done
-      for v in words uuids; do
-        $lm eval niah $g --values $v --out "$out/general-values-$v" --json > "$out/general-values-$v.json"
+      for v in words uuids; do  # a UUID is 36 bytes: room for it
+        $lm eval niah $g --values $v --max-tokens 64 --out "$out/general-values-$v" --json > "$out/general-values-$v.json"
       done ;;
-    ruler)
-      $lm eval ruler --model "$model" --lengths 4096,8192,16384,32768,65536,131072 --samples 3 \
+    ruler)  # from 8K: RULER's cwe at >= 4K lengths takes 6.7K byte tokens (its one-shot example and 10 common words)
+      $lm eval ruler --model "$model" --lengths 8192,16384,32768,65536,131072 --samples 3 \
         --out "$out/ruler" --json > "$out/ruler.json" ;;
     nll)
       $lm eval nll --model "$model" --max-context 131072 --out "$out/nll" --json > "$out/nll.json" ;;

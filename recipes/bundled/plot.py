@@ -1,5 +1,5 @@
 """The training run's curves as PNGs: loss (text, held-out, synthetic answers) by step, and the needle probes of
-probe.py (exact match, attention share and rank of the needle at each probed length) by checkpoint.
+probe.py (exact match, attention share and logit margin of the needle at each probed length) by checkpoint.
 
     python recipes/bundled/plot.py runs/bundled --out recipes/bundled
 """
@@ -72,15 +72,15 @@ def main() -> None:
                 xs.append(p_["step"])
                 found.append(sum(r["found"] for r in rs) / len(rs))
                 mass.append(sum(r["mass"] for r in rs) / len(rs))
-                rank.append(max(r["rank"] for r in rs) + 1)
+                rank.append(min(r["margin"] for r in rs))
         label = f"{n >> 10}K" if n < 1 << 20 else f"{n >> 20}M"
         axes[0].plot(xs, found, "o-", label=label)
         axes[1].plot(xs, mass, "o-", label=label)
         axes[2].plot(xs, rank, "o-", label=label)
     axes[0].set_title("needle found (exact match)")
     axes[1].set_title("attention share on the needle (best head)")
-    axes[2].set_title("needle's worst rank among all keys (1 = top)")
-    axes[2].set_yscale("log")
+    axes[2].set_title("needle's logit margin over every other key (worst trial)")
+    axes[2].axhline(0, color="grey", lw=0.8)  # below 0: another key outranks the needle
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -391,12 +391,15 @@ def check_lengths(lengths: list[int], tasks: list[str], count: Callable[[str], i
     for length in sorted(lengths):
         short = [t for t in tasks if (n := need(t, length, count, example_units)) is None or n > length]
         if short:
-            least = {t: shortest(t, count, example_units) for t in tasks}
-            why = ", ".join(f"{t} needs {least[t]:,}" for t in short)
+            at = {t: need(t, length, count, example_units) for t in short}
+            least = {t: shortest(t, count, example_units) for t in short}
+            why = ", ".join(
+                f"{t} needs {at[t]:,} at this length" if at[t] is not None and least[t] < length
+                else f"{t} needs {least[t]:,}" for t in short
+            )  # fmt: skip
             raise ValueError(
                 f"--lengths {length} is too short: {why} tokens or more (prompt + answer; vt and cwe include RULER's "
-                f"one-shot example); every chosen task builds from about {max(least.values()):,} tokens: use longer "
-                "--lengths or fewer --tasks"
+                "one-shot example, which grows at 4K and beyond): use longer --lengths or fewer --tasks"
             )
 
 

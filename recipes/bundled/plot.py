@@ -79,7 +79,7 @@ def main() -> None:
         axes[2].plot(xs, rank, "o-", label=label)
     axes[0].set_title("needle found (exact match)")
     axes[1].set_title("attention share on the needle (best head)")
-    axes[2].set_title("needle's logit margin over every other key (worst trial)")
+    axes[2].set_title("logit margin: needle over best other key")
     axes[2].axhline(0, color="grey", lw=0.8)  # below 0: another key outranks the needle
     for ax in axes:
         ax.set_xlabel("step")

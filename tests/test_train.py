@@ -33,7 +33,7 @@ def train(out: Path, *args: str, env: dict | None = None, wait: bool = True):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})  # fmt: skip
     if wait:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=1800)  # generous: the tiny preset beside a CPU-heavy job took > 10 min
         assert proc.returncode == 0, err[-3000:]
     return proc
 

@@ -389,9 +389,9 @@ def shortest(name: str, count: Callable[[str], int], example_units: int) -> int:
 def check_lengths(lengths: list[int], tasks: list[str], count: Callable[[str], int], example_units: int) -> None:
     """Refuse, before any cell, a length too short for a chosen task, naming what each task takes."""
     for length in sorted(lengths):
-        short = [t for t in tasks if (n := need(t, length, count, example_units)) is None or n > length]
+        at = {t: need(t, length, count, example_units) for t in tasks}
+        short = [t for t in tasks if at[t] is None or at[t] > length]
         if short:
-            at = {t: need(t, length, count, example_units) for t in short}
             least = {t: shortest(t, count, example_units) for t in short}
             why = ", ".join(
                 f"{t} needs {at[t]:,} at this length" if at[t] is not None and least[t] < length

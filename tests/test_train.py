@@ -338,3 +338,51 @@ def test_synthetic_retrieval_and_copy_rows():
         span_start = span_end - 8
         needle = ids[span_start:span_end]
         assert any(ids[i : i + 8] == needle for i in range(span_start - 8))  # seen before in the row
+
+
+def test_retrieval_rows_plant_as_many_facts_as_asked_and_digit_runs():
+    """data.retrieval_facts sets how many facts a long row plants (every one asked); retrieval_repeat_digits = 1
+    makes every value a 7-digit number of runs; the defaults leave stage 1's rows as they were (same rng use)."""
+    from longmoe.corpora import python_docs_text
+    from longmoe.train.synthetic import digit_runs, retrieval_row
+
+    docs = list(python_docs_text())
+    enc = lambda s: list(s.encode())  # noqa: E731
+    for seed in range(6):
+        ids, marks = retrieval_row(random.Random(seed), 16384, enc, 256, docs, facts=[16], repeat_digits=1.0)
+        tail = bytes(t for t in ids[marks.index(1) :] if t < 256).decode()
+        answers = [line.rstrip(".").split(" ")[-1] for line in tail.strip().split("\n")]
+        assert len(answers) == 16, answers
+        assert all(len(v) == 7 and v.isdigit() for v in answers), answers
+    runs = [digit_runs(random.Random(i)) for i in range(200)]
+    assert sum(any(v[i] == v[i + 1] for i in range(6)) for v in runs) > 180  # nearly every one repeats a digit
+    assert all(len(v) == 7 and v[0] != "0" for v in runs)
+    assert retrieval_row(random.Random(3), 4096, enc, 256, docs) == retrieval_row(
+        random.Random(3), 4096, enc, 256, docs, facts=(1, 1, 1, 2, 2, 3, 4, 4, 6, 8, 10, 12), repeat_digits=0.0)
+
+
+def test_retrieval_settings_are_checked():
+    with pytest.raises(ConfigError, match="data.retrieval_facts"):
+        load_config("tiny", ["data.retrieval_facts=[0]"])
+    with pytest.raises(ConfigError, match="data.retrieval_repeat_digits"):
+        load_config("tiny", ["data.retrieval_repeat_digits=1.5"])
+
+
+def test_flops_per_token_counts_windows_and_the_answer_tail():
+    """MFU's numerator: the PaLM count on full-attention models; a sliding layer attends over its window only, and a
+    long synthetic row runs its last layer and the output projection on the answer tail only (MFU was >100%)."""
+    from longmoe.model.config import ModelConfig
+    from longmoe.train.loop import flops_per_token
+
+    kw = dict(vocab_size=264, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+              intermediate_size=256, max_position_embeddings=65536)  # fmt: skip
+    full = ModelConfig(**kw)
+    active, embed = 3_000_000, 2 * 264 * 128
+    assert flops_per_token(full, active, 1024) == 6 * (active - embed) + 6 * 264 * 128 + 6 * 4 * 1024 * 4 * 64
+    swa = ModelConfig(**kw, layer_types=["sliding"] * 3 + ["full"], sliding_window=128)
+    assert flops_per_token(swa, active, 1024) == pytest.approx(
+        flops_per_token(full, active, 1024) - 6 * 3 * (1024 - 128) * 4 * 64)
+    per_layer = (active - embed) / 4
+    tail = flops_per_token(swa, active, 32768, outputs=64)
+    last = 64 / 32768 * 6 * (per_layer + 32768 * 256 + 264 * 128)
+    assert tail == pytest.approx(6 * 3 * (per_layer + 128 * 256) + last)

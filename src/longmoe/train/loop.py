@@ -55,11 +55,19 @@ def measured_peak_flops(dtype: torch.dtype) -> float:
     return 3 * 2 * 2048**3 / (time.perf_counter() - t)
 
 
-def flops_per_token(config: ModelConfig, active: int, seq_len: int) -> float:
-    """6 x active non-embedding parameters + causal attention (6 x layers x seq_len x heads x qk dim)."""
-    active -= config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    active += config.vocab_size * config.hidden_size  # the output projection is a real matmul
-    return 6 * active + 6 * config.num_layers * seq_len * config.num_heads * config.qk_head_dim
+def flops_per_token(config: ModelConfig, active: int, seq_len: int, outputs: int | None = None) -> float:
+    """Training FLOPs per row position: 6 x active non-embedding parameters + causal attention (6 x seq_len x heads
+    x qk dim per layer; a sliding or chunked layer sees only its window). With `outputs` (long synthetic rows), the
+    last layer and the output projection run on the last `outputs` positions only, and are counted only there."""
+    L, V, H = config.num_layers, config.vocab_size, config.hidden_size
+    per_layer = (active - V * H * (1 if config.tie_word_embeddings else 2)) / L
+    tail = 1.0 if outputs is None else outputs / seq_len  # the share of positions that run the last layer
+    total = 6 * V * H * tail  # the output projection is a real matmul
+    for i, kind in enumerate(config.layer_types):
+        span = {"sliding": config.sliding_window, "chunked": config.attention_chunk_size}.get(kind, seq_len)
+        share = tail if i == L - 1 else 1.0
+        total += share * 6 * (per_layer + min(span, seq_len) * config.num_heads * config.qk_head_dim)
+    return total
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -348,9 +356,12 @@ class Trainer:
             text_targets = max(sum(float(b["mask"].sum()) for b in micro if "outputs" not in b), 1.0)
             ce = all_reduce_sum(torch.tensor(totals["ce_sum"]), d.world).item() / text_targets
             tokens = cfg.batch_size * cfg.grad_accum * seq_len
+            flops = self.flops_per_token(seq_len) * tokens
             if cfg.data.synthetic_rows:
                 syn = micro[-1]
                 tokens += syn["input_ids"].numel()
+                tail = None if self.cp > 1 else syn["outputs"]  # (context parallel runs the last layer everywhere)
+                flops += self.flops_per_token(syn["input_ids"].shape[1], tail) * syn["input_ids"].numel()
                 synthetic = {"synthetic_loss": all_reduce_sum(torch.tensor(totals["syn_sum"]), d.world).item()
                              / max(float(syn["mask"].sum()), 1.0), "synthetic_len": syn["input_ids"].shape[1]}
             else:
@@ -358,7 +369,7 @@ class Trainer:
             row = {
                 "step": self.step, "loss": ce, "lr": lr_at(self.step - 1, cfg), "grad_norm": grad_norm,
                 "seq_len": seq_len, "tokens_per_s": tokens / dt,
-                "mfu": self.flops_per_token(seq_len) * tokens / dt / (self.peak * d.world), **synthetic,
+                "mfu": flops / dt / (self.peak * d.world), **synthetic,
             }  # fmt: skip
             if load is not None:
                 row.update(

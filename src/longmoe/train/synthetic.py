@@ -88,7 +88,9 @@ def train_key(rng: random.Random) -> str:
     return pseudo_word(rng)
 
 
-def train_value(rng: random.Random) -> str:
+def train_value(rng: random.Random, repeat_digits: float = 0.0) -> str:
+    if repeat_digits and rng.random() < repeat_digits:
+        return digit_runs(rng)
     r = rng.random()
     if r < 0.75:
         return str(rng.randint(1_000_000, 9_999_999))
@@ -98,6 +100,15 @@ def train_value(rng: random.Random) -> str:
     if r < 0.94:
         return "".join(rng.choice("0123456789abcdef") for _ in range(8))
     return pseudo_word(rng)
+
+
+def digit_runs(rng: random.Random) -> str:
+    """A 7-digit number made of runs of one digit ("1411192", "5000338"): copying one needs the count of a run, not
+    just the digit after the previous one, which the uniform numbers rarely teach."""
+    digits = [rng.choice("123456789")]
+    while len(digits) < 7:
+        digits.append(digits[-1] if rng.random() < 0.45 else rng.choice("0123456789"))
+    return "".join(digits)
 
 
 def _boundaries(text: str) -> list[int]:
@@ -124,31 +135,37 @@ def haystack_text(rng: random.Random, documents: Sequence[str], chars: int) -> s
     return "\n".join(parts)[:chars]
 
 
+FACTS = (1, 1, 1, 2, 2, 3, 4, 4, 6, 8, 10, 12)  # facts per row, drawn uniformly (capped at one per 512 tokens)
+
+
 def retrieval_row(
-    rng: random.Random, length: int, encode: Encode, eos: int, documents: Sequence[str]
-) -> tuple[list[int], list[int]]:
-    """One training row of exactly `length` tokens -> (token ids, target marks: 1 on answer tokens)."""
+    rng: random.Random, length: int, encode: Encode, eos: int, documents: Sequence[str],
+    facts: Sequence[int] = FACTS, repeat_digits: float = 0.0,
+) -> tuple[list[int], list[int]]:  # fmt: skip
+    """One training row of exactly `length` tokens -> (token ids, target marks: 1 on answer tokens).
+    `facts`: the choices of how many facts to plant; `repeat_digits`: the share of values that are `digit_runs`."""
     for short in (False, True):  # a row too short for what was drawn: one fact in the shortest wording instead
-        row = _retrieval_row(rng, length, encode, eos, documents, short)
+        row = _retrieval_row(rng, length, encode, eos, documents, short, facts, repeat_digits)
         if row is not None:
             return row
     raise ConfigError(f"a {length}-token retrieval row has no room for its haystack: raise data.synthetic_lengths")
 
 
 def _retrieval_row(
-    rng: random.Random, length: int, encode: Encode, eos: int, documents: Sequence[str], short: bool
-) -> tuple[list[int], list[int]] | None:
+    rng: random.Random, length: int, encode: Encode, eos: int, documents: Sequence[str], short: bool,
+    facts_choices: Sequence[int], repeat_digits: float,
+) -> tuple[list[int], list[int]] | None:  # fmt: skip
     templates, weights = zip(*TEMPLATES)
     if short:
         templates, weights = templates[:1], weights[:1]
-    n_facts = 1 if short else min(rng.choice((1, 1, 1, 2, 2, 3, 4, 4, 6, 8, 10, 12)), max(1, length // 512))
+    n_facts = 1 if short else min(rng.choice(facts_choices), max(1, length // 512))
     keys: list[str] = []
     while len(keys) < n_facts:
         k = train_key(rng)
         if all(k.lower() not in x.lower() and x.lower() not in k.lower() for x in keys):
             keys.append(k)
     template = rng.choices(templates, weights)[0] if rng.random() < 0.7 or short else None  # else: one per fact
-    facts = [(k, train_value(rng), template or rng.choices(templates, weights)[0]) for k in keys]
+    facts = [(k, train_value(rng, repeat_digits), template or rng.choices(templates, weights)[0]) for k in keys]
 
     planted = [f.needle.format(key=k, value=v) for k, v, f in facts]
     if rng.random() < 0.3 and not short:  # a decoy: an asked key with another template (never the answer)

@@ -2,6 +2,7 @@
 probe.py (exact match, attention share and logit margin of the needle at each probed length) by checkpoint.
 
     python recipes/bundled/plot.py runs/bundled --out recipes/bundled
+    python recipes/bundled/plot.py runs/bundled-ft --out recipes/bundled --suffix=-stage2   # loss-stage2.png, ...
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--out", default=".")
+    p.add_argument("--suffix", default="", help="appended to the PNGs' names (loss{suffix}.png, probes{suffix}.png)")
     args = p.parse_args()
     run, out = Path(args.run), Path(args.out)
     rows = []
@@ -54,7 +56,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    fig.savefig(out / f"loss{args.suffix}.png", dpi=120)
     plt.close(fig)
 
     probes = run / "probes.jsonl"
@@ -86,7 +88,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(title="length")
     fig.tight_layout()
-    fig.savefig(out / "probes.png", dpi=120)
+    fig.savefig(out / f"probes{args.suffix}.png", dpi=120)
     plt.close(fig)
     ablation(every, out)
 

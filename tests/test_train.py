@@ -358,12 +358,14 @@ def test_retrieval_rows_plant_as_many_facts_as_asked_and_digit_runs():
     assert sum(any(v[i] == v[i + 1] for i in range(6)) for v in runs) > 180  # nearly every one repeats a digit
     assert all(len(v) == 7 and v[0] != "0" for v in runs)
     assert retrieval_row(random.Random(3), 4096, enc, 256, docs) == retrieval_row(
-        random.Random(3), 4096, enc, 256, docs, facts=(1, 1, 1, 2, 2, 3, 4, 4, 6, 8, 10, 12), repeat_digits=0.0)
+        random.Random(3), 4096, enc, 256, docs, facts=load_config("tiny").data.retrieval_facts, repeat_digits=0.0)
 
 
 def test_retrieval_settings_are_checked():
     with pytest.raises(ConfigError, match="data.retrieval_facts"):
         load_config("tiny", ["data.retrieval_facts=[0]"])
+    with pytest.raises(ConfigError, match="data.retrieval_facts"):
+        load_config("tiny", ["data.retrieval_facts=[]"])
     with pytest.raises(ConfigError, match="data.retrieval_repeat_digits"):
         load_config("tiny", ["data.retrieval_repeat_digits=1.5"])
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.config import ConfigError, ModelConfig, dataclass_from_dict
+from .synthetic import FACTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,9 +34,9 @@ class DataConfig:
     synthetic_lengths: list[int] = field(default_factory=lambda: [1024, 8192])
     synthetic_tokens: int = 0  # > 0: as many rows as fit this many tokens (many short rows, few long ones), at
     # least one and at most synthetic_rows
-    # the retrieval task: how many facts a row plants (drawn uniformly from this list; empty: 1-12, mostly few)
+    # the retrieval task: how many facts a row plants (drawn uniformly from this list; by default 1-12, mostly few)
     # and the share of its values that are numbers made of runs of one digit ("1411192")
-    retrieval_facts: list[int] = field(default_factory=list)
+    retrieval_facts: list[int] = field(default_factory=lambda: list(FACTS))
     retrieval_repeat_digits: float = 0.0
     synthetic_weight: float = 1.0  # loss weight of a synthetic target relative to a text target
     heldout_percent: float = 5.0  # documents kept out of training for the held-out loss
@@ -194,8 +195,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(d.synthetic_rows >= 0, f"data.synthetic_rows = {d.synthetic_rows}: must be >= 0")
     need(len(d.synthetic_lengths) == 2 and 64 <= d.synthetic_lengths[0] <= d.synthetic_lengths[1],
          f"data.synthetic_lengths = {d.synthetic_lengths}: give [min, max] tokens with 64 <= min <= max")
-    need(all(isinstance(n, int) and n >= 1 for n in d.retrieval_facts),
-         f"data.retrieval_facts = {d.retrieval_facts}: facts per row must be whole numbers >= 1")
+    need(bool(d.retrieval_facts) and all(isinstance(n, int) and n >= 1 for n in d.retrieval_facts),
+         f"data.retrieval_facts = {d.retrieval_facts}: give one or more whole numbers >= 1 (facts per row)")
     need(0 <= d.retrieval_repeat_digits <= 1,
          f"data.retrieval_repeat_digits = {d.retrieval_repeat_digits}: a share, between 0 and 1")
     need(d.synthetic_weight > 0, f"data.synthetic_weight = {d.synthetic_weight}: must be > 0")

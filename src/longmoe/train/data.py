@@ -29,7 +29,7 @@ from ..model.config import ConfigError
 from ..tasks import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, TRAIN_TASKS
 from ..tokenizer import Tokenizer
 from .config import DataConfig
-from .synthetic import FACTS, copy_row, retrieval_row
+from .synthetic import copy_row, retrieval_row
 
 TEXT_CHUNK = 1 << 20  # large text files become documents of ~1 MB, split at line breaks
 MIN_DOCUMENTS = 20  # fewer documents than this: text files are read as PIECE-character pieces (see Documents)
@@ -283,8 +283,8 @@ class Batches:
             encode = lambda t: self.tok.encode(t, add_special_tokens=False)  # noqa: E731
             if name == "retrieval":
                 c = self.cfg
-                ids, marks = retrieval_row(rng, n, encode, self.eos, self.haystack(),
-                                           c.retrieval_facts or FACTS, c.retrieval_repeat_digits)  # fmt: skip
+                ids, marks = retrieval_row(rng, n, encode, self.eos, self.haystack(), c.retrieval_facts,
+                                           c.retrieval_repeat_digits)  # fmt: skip
             else:
                 ids, marks = copy_row(rng, n, encode, self.eos, self.haystack())
             return [(t, i, m) for i, (t, m) in enumerate(zip(ids, marks))]

@@ -144,8 +144,11 @@ def test_interrupt_and_resume_gives_the_same_results(server, tmp_path):
             "--depths", DEPTHS, "--concurrency", "1", "--quiet"]  # fmt: skip
     for _ in range(3):
         GeminiStub.gate.release()  # three answers, then the fourth request waits: no timing involved
+    # The child gets Ctrl-C's default action even when this suite runs as a background job (`cmd &`), where the
+    # shell starts everything with SIGINT ignored and Python would then never raise KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "longmoe.cli", "eval", *args, "--out", str(tmp_path / "a")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     results = tmp_path / "a" / "results.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not results.exists() or len(results.read_text().splitlines()) < 3):

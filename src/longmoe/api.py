@@ -14,7 +14,9 @@ from .checkpoint import Checkpoint, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .engine.engine import Engine, SamplingParams, Sequence, check_options
+from .media import MediaError
 from .model import ModelConfig, Transformer
+from .multimodal import Builder, MediaSpec, Prompt, decode_part, is_parts, media_spec
 from .sysinfo import cpu_name
 from .tokenizer import Tokenizer
 
@@ -47,6 +49,7 @@ class Model:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.engine_options = engine_options
         self._engine: Engine | None = None
+        self._media: MediaSpec | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -70,15 +73,55 @@ class Model:
             )
         return self.tokenizer.encode(text)
 
-    def count_tokens(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"count_tokens takes text (str), got {type(text).__name__}")
-        return len(self.encode(text))
+    def count_tokens(self, prompt: str | list[Any], video_fps: float | None = None) -> int:
+        """Prompt tokens of text, or of a list of parts (text and media, see `generate`); `token_counts` gives them
+        per modality."""
+        if isinstance(prompt, str):
+            return len(self.encode(prompt))
+        if is_parts(prompt):
+            return sum(self.token_counts(prompt, video_fps).values())
+        raise TypeError(f"count_tokens takes text (str) or a list of parts, got {type(prompt).__name__}")
 
-    def submit(self, prompt: str | list[int], **params: Any) -> Sequence:
+    def token_counts(self, parts: str | list[Any], video_fps: float | None = None) -> dict[str, int]:
+        """Prompt tokens per modality (text, image, video, audio); a media block's start/end markers count as text."""
+        return self.prepare([parts] if isinstance(parts, str) else parts, video_fps).counts
+
+    @property
+    def media(self) -> MediaSpec:
+        """Token ids and preprocessing settings for media; MediaError on a model that reads text only."""
+        if self.checkpoint.encoders is None:
+            raise MediaError(f"{self.checkpoint.path} reads text only (model_type "
+                             f"{self.checkpoint.hub_config.get('model_type')!r}); media needs an omni model such as "
+                             "Qwen3-Omni-MoE")  # fmt: skip
+        if self._media is None:
+            vocab = self.tokenizer.vocab if self.tokenizer is not None else None
+            self._media = media_spec(Path(self.checkpoint.path), self.checkpoint.hub_config, vocab)
+        return self._media
+
+    def prepare(self, parts: list[Any], video_fps: float | None = None) -> Prompt:
+        """Parts -> token ids, media embeddings (encoders run here) and M-RoPE positions. Text is tokenized as given
+        (no chat template); each media part becomes its placeholder block."""
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise TypeError("a multimodal prompt is a non-empty list of parts (str and media)")
+        spec = self.media if any(not isinstance(p, str) for p in parts) else None
+        b = Builder(spec, self.checkpoint.encoders, self.module.embed_tokens.weight.dtype)
+        with torch.inference_mode():
+            for i, part in enumerate(parts):
+                if isinstance(part, str):
+                    # special tokens (a BOS) only where a plain-text prompt would have them: at the start
+                    b.text(self.encode(part) if i == 0 else self.tokenizer.encode(part, add_special_tokens=False))
+                else:
+                    b.media(decode_part(part, spec, video_fps, where=f"part {i}"))
+            return b.build()
+
+    def submit(self, prompt: str | list[int] | list[Any], video_fps: float | None = None, **params: Any) -> Sequence:
         """Queue a request on the engine (see SamplingParams for the options) and return its sequence."""
+        media = None
         if isinstance(prompt, str):
             ids = self.encode(prompt)
+        elif is_parts(prompt):
+            media = self.prepare(prompt, video_fps)
+            ids = media.tokens
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)  # the engine checks they are in-vocabulary ints
         else:
@@ -90,11 +133,11 @@ class Model:
         unknown = sorted(set(params) - set(SamplingParams.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown generation option(s) {', '.join(unknown)}")
-        return self.engine.submit(ids, SamplingParams(**params))
+        return self.engine.submit(ids, SamplingParams(**params), media=media)
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[Any],
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -102,12 +145,15 @@ class Model:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: bool = False,
+        video_fps: float | None = None,
     ) -> Generation:
-        """Continue `prompt` (raw text, no chat template; or token ids). temperature 0 is greedy decoding; `stop`
-        sequences end generation and are cut from the text. Raises what made the request fail, if anything did."""
+        """Continue `prompt`: raw text (no chat template), token ids, or a list of parts -- text and media
+        (`{"mime_type": "image/png", "data": bytes}`, a pathlib.Path, a PIL image; images, audio, video) for an omni
+        model. temperature 0 is greedy decoding; `stop` sequences end generation and are cut from the text; videos
+        are sampled at `video_fps` frames per second (default 2). Raises what made the request fail, if anything did."""
         seq = self.submit(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop=stop or [], logprobs=logprobs,
+            stop=stop or [], logprobs=logprobs, video_fps=video_fps,
         )  # fmt: skip
         self.engine.run(seq)
         seq.raise_error()
@@ -123,13 +169,14 @@ class Model:
 
     def stream(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[Any],
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        video_fps: float | None = None,
     ) -> TextStream:
         """Iterate over the generated text piece by piece as tokens arrive (never splitting a UTF-8 character,
         never showing text that a stop sequence later removes). `.sequence` has usage and timings afterwards;
@@ -138,7 +185,7 @@ class Model:
             raise CheckpointError(f"{self.checkpoint.path} has no tokenizer.json; streaming text needs one")
         seq = self.submit(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop=stop or [],
+            stop=stop or [], video_fps=video_fps,
         )  # fmt: skip
         return TextStream(self.engine, seq)
 

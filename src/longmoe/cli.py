@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="continue a prompt; streams the generated text to stdout",
         description="Continue a raw-text prompt (no chat template). Only the generated text goes to stdout; "
-        "diagnostics go to stderr.",
+        "diagnostics go to stderr. With an omni model (Qwen3-Omni-MoE), --image/--audio/--video/--text add parts "
+        "in the order given, before --prompt: e.g. --text 'Compare ' --image a.png --text ' with ' --image b.png "
+        "--prompt ' What differs?'",
     )
     g.add_argument("--model", metavar="DIR", help="model directory (config.json + *.safetensors); default: the "
                    "bundled model")
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="a text file to put before the prompt (repeatable; in order, separated by blank lines)",
     )
+    for kind, what in (("image", "PNG, JPEG, WebP, GIF, BMP"), ("audio", "WAV, FLAC, OGG, MP3"),
+                       ("video", "MP4, WebM, MOV, MKV; its audio track too"), ("text", "text")):  # fmt: skip
+        g.add_argument(f"--{kind}", action=_Part, dest="parts", metavar="F" if kind != "text" else "TEXT",
+                       help=f"a {kind} part ({what}); repeatable, in order, before --prompt")  # fmt: skip
+    g.add_argument("--video-fps", type=float, default=None, metavar="FPS",
+                   help="frames per second sampled from --video (default: 2)")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N tokens (default: 128)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
@@ -239,6 +247,15 @@ def _utf8(data: bytes, what: str) -> str:
         raise ValueError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+class _Part(argparse.Action):
+    """--image/--audio/--video/--text: one ordered list of (kind, value) parts."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parts = list(getattr(namespace, self.dest, None) or [])
+        parts.append((option_string.lstrip("-"), values))
+        setattr(namespace, self.dest, parts)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import longmoe
 
@@ -251,6 +268,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with open(f, "rb") as fh:
             parts.append(_utf8(fh.read(), f"--context-file {f}"))
     prompt = "\n\n".join(parts + [prompt])
+    if args.parts:  # media and text parts in the order given, then the prompt
+        from pathlib import Path
+
+        prompt = [text if kind == "text" else Path(text) for kind, text in args.parts] + [prompt]
+        for part in prompt:
+            if isinstance(part, Path) and not part.is_file():
+                raise ValueError(f"media file {str(part)!r} does not exist")
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.max_context is not None and args.max_context < 1:
@@ -268,6 +292,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop,
+        video_fps=args.video_fps,
     )
     for piece in stream:
         sys.stdout.write(piece)

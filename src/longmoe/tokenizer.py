@@ -24,6 +24,11 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
+    def vocab(self) -> dict[str, int]:
+        """Token text -> id, added (special) tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..model.config import ConfigError, ModelConfig
+from ..model.omni import AudioConfig, OmniEncoders, VisionConfig
 from ..model.rope import yarn_mscale
 from ..model.transformer import Transformer
 from ..sysinfo import available_memory, cpu_computes, fmt_gib
@@ -31,7 +32,8 @@ from .safetensors_io import (
     save_sharded,
 )
 
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "preprocessor_config.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,6 +46,8 @@ def _rope(h: dict, default_theta: float) -> dict[str, Any]:
     theta = params.pop("rope_theta", None) or h.get("rope_theta") or default_theta
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    for key in ("mrope_section", "interleaved", "mrope_interleaved"):  # M-RoPE (Qwen-Omni / -VL): see _qwen3_omni_moe
+        params.pop(key, None)
     if params.pop("partial_rotary_factor", h.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError("partial_rotary_factor != 1 is not supported")
     if kind in ("llama3", "yarn", "longrope"):
@@ -150,6 +154,32 @@ def _qwen3_moe(h: dict) -> ModelConfig:
         norm_topk_prob=h.get("norm_topk_prob", False),
         router_aux_loss_coef=h.get("router_aux_loss_coef", 0.001),
     )
+
+
+def _qwen3_omni_moe(h: dict) -> ModelConfig:
+    """The thinker of Qwen3-Omni-MoE: a Qwen3-MoE text model with interleaved M-RoPE (the talker is not loaded)."""
+    thinker = h.get("thinker_config", h)
+    text = dict(thinker["text_config"])
+    text.setdefault("tie_word_embeddings", thinker.get("tie_word_embeddings", False))
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    config = _qwen3_moe({"rope_theta": 1e6, **text})
+    config.mrope_section = list(rope.get("mrope_section") or [24, 20, 20])
+    config.mrope_interleaved = True  # transformers interleaves whatever the config's flag says
+    config.validate()
+    return config
+
+
+def _omni_encoders(h: dict) -> OmniEncoders:
+    thinker = h.get("thinker_config", h)
+    v, a = dict(thinker.get("vision_config") or {}), dict(thinker.get("audio_config") or {})
+    theta = (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v}, rope_theta=theta)
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("in_channels", 3) != 3:
+        raise ConfigError("vision_config: longmoe implements hidden_act gelu_pytorch_tanh on 3-channel input")
+    audio = AudioConfig(**{k: a[k] for k in AudioConfig.__dataclass_fields__ if k in a})
+    if a.get("activation_function", "gelu") != "gelu" or a.get("scale_embedding"):
+        raise ConfigError("audio_config: longmoe implements activation_function gelu without scale_embedding")
+    return OmniEncoders(vision, audio)
 
 
 def _olmoe(h: dict) -> ModelConfig:
@@ -278,6 +308,7 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()  # (hub fragment, our fragment), applied in order after "model." is cut
     expert_parts: dict[str, str] = field(default_factory=dict)  # per-expert tensor -> gate | up | down
     fused_transposed: bool = False  # Llama 4 stores experts as gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    encoders: Callable[[dict], torch.nn.Module] | None = None  # media encoders (omni families), loaded as `encoders.*`
 
 
 QWEN_RENAMES = (
@@ -295,6 +326,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen2_moe": Family(_qwen2_moe, QWEN_RENAMES, QWEN_EXPERTS),
     "qwen3_moe": Family(_qwen3_moe, QWEN_RENAMES, QWEN_EXPERTS),
+    "qwen3_omni_moe": Family(_qwen3_omni_moe, QWEN_RENAMES, QWEN_EXPERTS, encoders=_omni_encoders),
     "olmoe": Family(_olmoe, QWEN_RENAMES, QWEN_EXPERTS),
     "deepseek_v3": Family(_deepseek_v3, QWEN_RENAMES, QWEN_EXPERTS),
     "llama4_text": Family(_llama4, ((".feed_forward.router.", ".mlp.router."), (".feed_forward.", ".mlp.")), {}, True),
@@ -305,7 +337,8 @@ FAMILIES: dict[str, Family] = {
 FAMILIES["llama4"] = FAMILIES["llama4_text"]
 SUPPORTED = sorted(FAMILIES)
 
-PREFIX = re.compile(r"^(?:language_model\.)?(?:model\.)?")
+PREFIX = re.compile(r"^(?:thinker\.)?(?:language_model\.)?(?:model\.)?")
+ENCODER_PREFIXES = ("visual.", "audio_tower.")
 EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
@@ -321,6 +354,8 @@ class Source:
 def hub_to_ours(family: Family, name: str) -> tuple[str, int | None, str | None]:
     """Hub tensor name -> (our name, expert index, part) for per-expert tensors, else (our name, None, None)."""
     ours = PREFIX.sub("", name)
+    if family.encoders is not None and ours.startswith(ENCODER_PREFIXES):
+        return "encoders." + ours, None, None
     for a, b in family.renames:
         ours = ours.replace(a, b)
     m = EXPERT.match(ours)
@@ -344,6 +379,7 @@ class Checkpoint:
     hub_config: dict[str, Any]
     sources: dict[str, Source]
     generation: dict[str, Any]
+    encoders: torch.nn.Module | None = None  # media encoders of an omni model (longmoe.model.omni.OmniEncoders)
 
 
 def read_hub_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -401,7 +437,13 @@ def load(
 
     with torch.device("meta"):
         model = Transformer(config)
+        try:
+            encoders = family.encoders(hub) if family.encoders else None
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: cannot build the media encoders: {e}") from None
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    if encoders is not None:
+        expected.update({"encoders." + k: v for k, v in encoders.state_dict(keep_vars=True).items()})
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
@@ -446,6 +488,11 @@ def load(
         sources[ours] = source
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    if encoders is not None:
+        enc_state = {k.removeprefix("encoders."): state.pop(k) for k in list(state) if k.startswith("encoders.")}
+        encoders.load_state_dict(enc_state, strict=True, assign=True)
+        encoders.reset_buffers(device)  # non-persistent buffers were made on the meta device
+        encoders.to(device).eval()
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -453,7 +500,7 @@ def load(
         model.to(device)
     model.reset_buffers(device)
     model.eval()
-    return Checkpoint(model, config, path, hub, sources, _generation_config(path, hub))
+    return Checkpoint(model, config, path, hub, sources, _generation_config(path, hub), encoders)
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -472,6 +519,8 @@ def _ignorable(ours: str, config: ModelConfig) -> bool:
     if "rotary_emb.inv_freq" in ours:  # old checkpoints saved the RoPE buffer
         return True
     if ours.startswith(("vision_model.", "multi_modal_projector.")):  # Llama 4's image tower: text-only for now
+        return True
+    if ours.startswith(("talker.", "code2wav.")):  # Qwen3-Omni's speech output: out of scope
         return True
     m = re.match(r"^layers\.(\d+)\.", ours)  # DeepSeek-V3's multi-token-prediction layer sits past num_layers
     return bool(m) and int(m.group(1)) >= config.num_layers
@@ -583,6 +632,8 @@ def save(ckpt: Checkpoint, out: str | Path, dtype: torch.dtype | None = None) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = ckpt.model.state_dict()
+    if ckpt.encoders is not None:
+        state.update({"encoders." + k: v for k, v in ckpt.encoders.state_dict().items()})
     tensors: dict[str, torch.Tensor] = {}
     for ours, src in ckpt.sources.items():
         t = state[ours].detach()

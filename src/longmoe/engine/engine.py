@@ -23,6 +23,7 @@ import torch
 from ..errors import LongmoeError
 from ..model import Transformer
 from ..model.config import ModelConfig
+from ..multimodal import Prompt
 from ..sysinfo import available_memory, fmt_gib
 from ..tokenizer import Detokenizer, Tokenizer
 from .kv_cache import OutOfBlocks, PagedKVCache, Row, block_hashes
@@ -99,8 +100,16 @@ class Timings:
 class Sequence:
     """One request as the engine sees it. Read `output`, `text`, `finish_reason` once `finished` is set."""
 
-    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, detok: Detokenizer | None):
+    def __init__(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        params: SamplingParams,
+        detok: Detokenizer | None,
+        media: Prompt | None = None,
+    ):
         self.id, self.prompt, self.params, self.detok = seq_id, prompt, params, detok
+        self.media = media if media is not None and media.has_media else None  # embeddings, M-RoPE positions
         self.tokens = list(prompt)  # prompt + generated
         self.output: list[int] = []
         self.logprobs: list[float] = []
@@ -124,6 +133,13 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self._done.is_set()
+
+    def hash_tokens(self, lo: int, hi: int) -> list[int]:
+        """Tokens [lo, hi) as the prefix cache hashes them: media placeholders stand for their content."""
+        if self.media is None:
+            return self.tokens[lo:hi]
+        n = len(self.prompt)
+        return self.media.hash_ids[lo : min(hi, n)] + self.tokens[max(lo, n) : hi]
 
     @property
     def text(self) -> str:
@@ -222,18 +238,23 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------------
     # requests
 
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+    def submit(
+        self, prompt: list[int], params: SamplingParams | None = None, media: Prompt | None = None
+    ) -> Sequence:
         """Queue a request. Fails at once, before anything is queued, on a bad prompt or setting (TypeError /
         ValueError), a prompt beyond the model's context (ContextLengthError) or one that could never fit in the KV
-        cache (MemoryPlanError)."""
+        cache (MemoryPlanError). `media` (from longmoe.multimodal) carries the embeddings and M-RoPE positions of a
+        prompt with images, audio or video; `prompt` is then `media.tokens`."""
         params = params or SamplingParams()
         params.validate()
         prompt = self._check_prompt(prompt)
+        if media is not None and (media.tokens != prompt or not self.config.mrope_section and media.has_media):
+            raise ValueError("media must come from this prompt's longmoe.multimodal.Prompt, for an M-RoPE model")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop sequences need a tokenizer")
         self.check_fits(len(prompt) + params.max_new_tokens, new=params.max_new_tokens)
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None
-        return self._enqueue(Sequence(next(self._ids), prompt, params, detok))
+        return self._enqueue(Sequence(next(self._ids), prompt, params, detok, media))
 
     def _check_prompt(self, prompt: list[int]) -> list[int]:
         if not isinstance(prompt, (list, tuple)):
@@ -430,7 +451,7 @@ class Engine:
                 seq.tables.setdefault(kind, [])
             n_hit = len(hit.get("full", next(iter(hit.values()), [])))
             seq.num_computed = seq.num_cached = n_hit * self.block_size
-            seq.hashes = block_hashes(seq.prompt[: seq.num_computed], self.block_size)
+            seq.hashes = block_hashes(seq.hash_tokens(0, seq.num_computed), self.block_size)
             seq.reserved = need
             self.running.append(seq)
 
@@ -438,7 +459,7 @@ class Engine:
         """Longest run of cached full blocks that starts the prompt (never the whole prompt: its last token must be
         computed to get logits), for which every local kind still holds the blocks its window needs."""
         bs = self.block_size
-        hashes = block_hashes(seq.prompt[: (len(seq.prompt) - 1) // bs * bs], bs)
+        hashes = block_hashes(seq.hash_tokens(0, (len(seq.prompt) - 1) // bs * bs), bs)
         best: dict[str, list[int]] = {}
         for n in range(len(hashes), 0, -1):
             tables: dict[str, list[int]] = {}
@@ -469,7 +490,7 @@ class Engine:
         full = seq.num_computed // bs
         if full > len(seq.hashes):
             seq.hashes += block_hashes(
-                seq.tokens[len(seq.hashes) * bs : full * bs], bs, seq.hashes[-1] if seq.hashes else b""
+                seq.hash_tokens(len(seq.hashes) * bs, full * bs), bs, seq.hashes[-1] if seq.hashes else b""
             )
         for kind, table in seq.tables.items():
             pool = self.cache.pools[kind]
@@ -494,11 +515,43 @@ class Engine:
         ids = torch.tensor([seq.tokens[start : start + n] for seq, start, n in rows], device=self.device)
         pos = torch.tensor([list(range(start, start + n)) for _, start, n in rows], device=self.device)
         with torch.inference_mode():
-            logits = self.model(ids, pos, cache=self.cache, outputs=outputs).logits
+            if any(seq.media is not None for seq, _, _ in rows):
+                embeds, rope_pos, deepstack = self._media_inputs(rows, ids, pos)
+                logits = self.model(input_embeds=embeds, positions=pos, cache=self.cache, outputs=outputs,
+                                    rope_positions=rope_pos, deepstack=deepstack).logits  # fmt: skip
+            else:
+                logits = self.model(ids, pos, cache=self.cache, outputs=outputs).logits
         for seq, start, n in rows:
             seq.num_computed = start + n
             self._after_compute(seq)
         return logits
+
+    def _media_inputs(
+        self, rows: list[tuple[Sequence, int, int]], ids: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Token embeddings with each row's media rows in place, M-RoPE positions [3, B, n] and DeepStack additions
+        for positions [start, start + n) of each row (a row without media: plain positions on every axis)."""
+        x = self.model.embed_tokens(ids)  # [B, n, C]
+        rope = pos.to(torch.float32)[None].repeat(3, 1, 1)  # [3, B, n]
+        layers = max((len(seq.media.deepstack) for seq, _, _ in rows if seq.media is not None), default=0)
+        deep = [torch.zeros_like(x) for _ in range(layers)] if layers else []
+        for b, (seq, start, n) in enumerate(rows):
+            m = seq.media
+            if m is None:
+                continue
+            end, plen = start + n, len(seq.prompt)
+            if start < plen:
+                k = min(end, plen) - start
+                rope[:, b, :k] = m.rope_positions[:, start : start + k].to(rope.device)
+            rope[:, b, max(plen - start, 0) :] += m.rope_delta
+            lo, hi = torch.searchsorted(m.embed_index, torch.tensor([start, end])).tolist()
+            if hi > lo:
+                x[b, m.embed_index[lo:hi] - start] = m.embeds[lo:hi].to(x.device, x.dtype)
+            if m.visual_index is not None:
+                lo, hi = torch.searchsorted(m.visual_index, torch.tensor([start, end])).tolist()
+                for layer, feats in zip(deep, m.deepstack):
+                    layer[b, m.visual_index[lo:hi] - start] = feats[lo:hi].to(x.device, x.dtype)
+        return x, rope, deep
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         t0 = time.perf_counter()

@@ -68,6 +68,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # transformers form: {"rope_type": "yarn", "factor": 4.0, ...}
     rope_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3) (DeepSeek, Llama 4) instead of halves
     max_position_embeddings: int = 4096
+    # multimodal RoPE (Qwen2-VL / Qwen3-Omni): frequency pairs per axis (time, height, width), summing to
+    # rotary_dim // 2; with `rope_positions` [3, B, T] each pair rotates by its axis' position. Interleaved (Qwen3):
+    # pairs cycle t, h, w, t, h, w, ...; else contiguous runs (Qwen2-VL). Text-only positions make it plain RoPE.
+    mrope_section: list[int] = field(default_factory=list)
+    mrope_interleaved: bool = True
 
     # --- mixture of experts; on when num_experts > 0 ---
     num_experts: int = 0
@@ -151,6 +156,12 @@ class ModelConfig:
                 "MLA (kv_lora_rank > 0) needs qk_rope_head_dim and v_head_dim",
             )
             need(self.qk_norm is None, "qk_norm is not defined for MLA layers")
+        if self.mrope_section:
+            need(
+                len(self.mrope_section) == 3 and sum(self.mrope_section) == self.rotary_dim // 2,
+                f"mrope_section {self.mrope_section} must be 3 numbers summing to rotary_dim // 2 = "
+                f"{self.rotary_dim // 2}",
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         need(rope_type in ROPE_TYPES, f"rope_scaling.rope_type {rope_type!r} is not one of {ROPE_TYPES}")
         if any(self.moe_layers):

@@ -98,16 +98,39 @@ class RotaryEmbedding(torch.nn.Module):
         self.length_dependent = (config.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
         inv_freq, self.attention_factor = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("mrope_axis", mrope_axes(config), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, rotary_dim // 2] in fp32 (already multiplied by the attention factor)."""
+        """positions [B, T] (or M-RoPE's [3, B, T]: time, height, width) -> cos, sin [B, T, rotary_dim // 2] in fp32
+        (already multiplied by the attention factor)."""
         inv_freq, factor = self.inv_freq, self.attention_factor
         if self.length_dependent:
             # NOTE: one device-to-host sync; only these two scaling types need the sequence length.
             inv_freq, factor = rope_frequencies(self.config, int(positions.max()) + 1)
             inv_freq = inv_freq.to(positions.device)
-        angles = positions[..., None].float() * inv_freq  # [B, T, dim/2]
+        angles = positions[..., None].float() * inv_freq  # [B, T, dim/2] or [3, B, T, dim/2]
+        if positions.dim() == 3:
+            if self.mrope_axis is None:
+                raise ValueError("3-D (M-RoPE) positions need a config with mrope_section")
+            axis = self.mrope_axis.to(positions.device).expand(1, *angles.shape[1:])  # [1, B, T, dim/2]
+            angles = angles.gather(0, axis)[0]  # each frequency pair takes its axis' angle
         return angles.cos() * factor, angles.sin() * factor
+
+
+def mrope_axes(config: ModelConfig) -> torch.Tensor | None:
+    """Which position axis (0 time, 1 height, 2 width) rotates each frequency pair [rotary_dim // 2] under
+    M-RoPE, as transformers' Qwen3-Omni `recomposition_frequencies` (interleaved) / Qwen2-VL (contiguous) lay it out."""
+    if not config.mrope_section:
+        return None
+    t, h, w = config.mrope_section
+    axis = torch.zeros(t + h + w, dtype=torch.int64)
+    if config.mrope_interleaved:
+        axis[1 : 3 * h : 3] = 1
+        axis[2 : 3 * w : 3] = 2
+    else:
+        axis[t : t + h] = 1
+        axis[t + h :] = 2
+    return axis
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -258,6 +258,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         outputs: int | None = None,
         targets: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
+        deepstack: list[torch.Tensor] | None = None,
     ) -> Output:
         """input_ids [B, T] (or input_embeds [B, T, C]); positions [B, T], default 0..T-1 for every row.
         Without a cache, positions that restart inside a row start a new document (packed sequences).
@@ -266,7 +268,10 @@ class Transformer(nn.Module):
         its K/V. (For a model whose only global layer is the last, prefill is then O(n x window), not O(n^2).)
         With targets [B, T] (IGNORE = -100 for no loss) the output is the summed cross-entropy instead of logits,
         computed with the output projection in chunks (training never holds [B, T, V] logits); with `outputs` too,
-        targets before the last `outputs` positions must be IGNORE."""
+        targets before the last `outputs` positions must be IGNORE.
+        Multimodal inputs (Qwen3-Omni's thinker): rope_positions [3, B, T] are M-RoPE's time/height/width positions
+        (`positions` stays the sequence index: masks and the cache use it); deepstack[i] [B, T, C] is added to the
+        hidden states after layer i (visual features from the vision encoder's middle blocks, zero elsewhere)."""
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids or input_embeds")
         if targets is not None and cache is not None:
@@ -285,11 +290,16 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=x.device).expand(B, T)
         plan = segments_from_positions(positions) if cache is None else None
-        rope = self.rotary(positions)
+        rope = self.rotary(positions if rope_positions is None else rope_positions)
+        deepstack = deepstack or []
+        if len(deepstack) >= len(self.layers):
+            raise ValueError(f"{len(deepstack)} deepstack inputs for {len(self.layers)} layers")
         router_logits, router_experts = [], []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, routed = layer(x, positions, rope, plan, cache, outputs if i == last else None)
+            if i < len(deepstack):
+                x = x + deepstack[i]
             if routed is not None:
                 router_logits.append(routed[0])
                 router_experts.append(routed[1])

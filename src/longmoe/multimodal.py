@@ -1,0 +1,457 @@
+"""Prompts with media for an omni model (Qwen3-Omni-MoE's thinker): parts -> token ids, media embeddings placed at
+their placeholder tokens, and M-RoPE positions.
+
+A prompt is a list of parts, in order: `str` (text, tokenized as given: no chat template), or media given as
+`{"mime_type": "image/png", "data": bytes}`, a `pathlib.Path`, or a PIL image. Each media part becomes the family's
+placeholder block, e.g. `<|vision_start|><|image_pad|> x n <|vision_end|>`; the encoders' outputs replace the pads'
+embeddings. Preprocessing equals transformers' Qwen3-Omni processor: images and frames are resized by
+`smart_resize` (bicubic, PIL), normalised and cut into 2 x 16 x 16 patch rows; audio becomes Whisper's 128-bin
+log-mel; a video's audio track is interleaved with its frames by time, as the processor's `use_audio_in_video`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import media as M
+from .media import MediaError
+from .model.omni import OmniEncoders, audio_output_length
+
+MODALITIES = ("text", "image", "video", "audio")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configuration: token ids and preprocessing, from the checkpoint's config.json / preprocessor_config.json
+
+
+@dataclass
+class MediaSpec:
+    image_token: int
+    video_token: int
+    audio_token: int
+    vision_start: int
+    vision_end: int
+    audio_start: int
+    audio_end: int
+    position_id_per_seconds: float = 13.0
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16384
+    video_min_pixels: int = 128 * 32 * 32  # the Qwen3-Omni processor's frame size bounds
+    video_max_pixels: int = 768 * 32 * 32
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    sampling_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    num_mel_bins: int = 128
+    n_window: int = 50
+    video_fps: float = 2.0  # frames sampled per second of video unless a request says otherwise
+
+    @property
+    def factor(self) -> int:  # image sides are multiples of this: one LLM token covers factor x factor pixels
+        return self.patch_size * self.merge_size
+
+
+def media_spec(path: Path, hub: dict[str, Any], vocab: dict[str, int] | None) -> MediaSpec:
+    """Token ids from the thinker config (falling back to the tokenizer's special tokens), preprocessing settings from
+    preprocessor_config.json where the checkpoint has one."""
+    t = hub.get("thinker_config", hub)
+    vocab = vocab or {}
+
+    def token(key: str, text: str, default: int | None = None) -> int:
+        value = t.get(key, vocab.get(text, default))
+        if not isinstance(value, int):
+            raise MediaError(f"{path}: config.json has no {key} and the tokenizer no {text}; cannot place media")
+        return value
+
+    spec = MediaSpec(
+        image_token=token("image_token_id", "<|image_pad|>"),
+        video_token=token("video_token_id", "<|video_pad|>"),
+        audio_token=token("audio_token_id", "<|audio_pad|>"),
+        vision_start=token("vision_start_token_id", "<|vision_start|>"),
+        vision_end=token("vision_end_token_id", "<|vision_end|>"),
+        audio_start=token("audio_start_token_id", "<|audio_start|>"),
+        audio_end=token("audio_end_token_id", "<|audio_end|>"),
+        position_id_per_seconds=float(t.get("position_id_per_seconds", 13.0)),
+        n_window=int(t.get("audio_config", {}).get("n_window", 50)),
+        num_mel_bins=int(t.get("audio_config", {}).get("num_mel_bins", 128)),
+    )
+    pre = path / "preprocessor_config.json"
+    if pre.exists():
+        try:
+            p = json.loads(pre.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MediaError(f"{pre}: not valid JSON ({e})") from None
+        size = p.get("size") or {}
+        for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                             ("merge_size", "merge_size"), ("sampling_rate", "sampling_rate"), ("n_fft", "n_fft"),
+                             ("hop_length", "hop_length"), ("num_mel_bins", "feature_size")):  # fmt: skip
+            if isinstance(p.get(theirs), int):
+                setattr(spec, ours, p[theirs])
+        spec.min_pixels = int(p.get("min_pixels") or size.get("shortest_edge") or spec.min_pixels)
+        spec.max_pixels = int(p.get("max_pixels") or size.get("longest_edge") or spec.max_pixels)
+        if p.get("image_mean"):
+            spec.image_mean = tuple(float(x) for x in p["image_mean"])
+            spec.image_std = tuple(float(x) for x in p["image_std"])
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# images and video -> patch rows
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size transformers' Qwen2-VL processors resize to: sides multiples of `factor`, area within bounds, aspect
+    ratio kept as well as that allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise MediaError(f"an image of {width}x{height} pixels: the aspect ratio must be below 200")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _normalised(img: Any, size: tuple[int, int], spec: MediaSpec) -> np.ndarray:
+    """PIL RGB image -> float32 [3, h, w], resized (bicubic) and normalised."""
+    from PIL import Image
+
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0  # [3, h, w]
+    mean = np.asarray(spec.image_mean, np.float32)[:, None, None]
+    std = np.asarray(spec.image_std, np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def patchify(frames: np.ndarray, spec: MediaSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """frames [F, 3, h, w] (F a multiple of the temporal patch) -> rows [t*gh*gw, 3*T*P*P] in the vision encoder's
+    order (time, 2x2 merge blocks, raster inside a block) and the grid (t, gh, gw) in patches."""
+    F_, C, h, w = frames.shape
+    P, T, m = spec.patch_size, spec.temporal_patch_size, spec.merge_size
+    t, gh, gw = F_ // T, h // P, w // P
+    x = frames.reshape(t, T, C, gh // m, m, P, gw // m, m, P)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, bh, bw, mh, mw, C, T, P, P]
+    return np.ascontiguousarray(x).reshape(t * gh * gw, C * T * P * P), (t, gh, gw)
+
+
+def image_patches(image: Any, spec: MediaSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+    img = M.load_image(image)
+    size = smart_resize(img.height, img.width, spec.factor, spec.min_pixels, spec.max_pixels)
+    x = _normalised(img, size, spec)[None].repeat(spec.temporal_patch_size, axis=0)  # one frame, repeated in time
+    return patchify(x, spec)
+
+
+def video_patches(
+    frames: Iterable[np.ndarray], spec: MediaSpec, size: tuple[int, int] | None = None
+) -> Iterable[tuple[np.ndarray, tuple[int, int, int]]]:
+    """RGB frames [H, W, 3] -> patch rows one temporal patch (2 frames) at a time: (rows [gh*gw, 1536], (1, gh, gw)).
+    Every frame is resized to one size (from the first frame); an odd last frame is repeated, as transformers pads."""
+    from PIL import Image
+
+    pending: list[np.ndarray] = []
+    for frame in frames:
+        if size is None:
+            h, w = frame.shape[:2]
+            size = smart_resize(h, w, spec.factor, spec.video_min_pixels, spec.video_max_pixels)
+        pending.append(_normalised(Image.fromarray(frame), size, spec))
+        if len(pending) == spec.temporal_patch_size:
+            yield patchify(np.stack(pending), spec)
+            pending = []
+    if pending:
+        pending += [pending[-1]] * (spec.temporal_patch_size - len(pending))
+        yield patchify(np.stack(pending), spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# audio -> log-mel
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:  # Slaney's scale: linear below 1 kHz, logarithmic above
+    f = np.asarray(f, dtype=np.float64)
+    mel = 3.0 * f / 200.0
+    log = f >= 1000.0
+    return np.where(log, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * (27.0 / np.log(6.4)), mel)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    hz = 200.0 * mel / 3.0
+    return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), hz)
+
+
+def mel_filters(n_fft: int, n_mels: int, rate: int) -> np.ndarray:
+    """Whisper's filter bank [n_fft/2 + 1, n_mels]: Slaney-scale triangles over 0..8 kHz, Slaney-normalised."""
+    fft_freqs = np.linspace(0, rate // 2, 1 + n_fft // 2)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(8000.0), n_mels + 2))
+    slopes = edges[None, :] - fft_freqs[:, None]
+    diff = np.diff(edges)
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    bank = np.maximum(0.0, np.minimum(down, up))
+    return bank * (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[None, :]
+
+
+def log_mel(wave: np.ndarray, spec: MediaSpec) -> torch.Tensor:
+    """Mono float32 samples at spec.sampling_rate -> [num_mel_bins, samples // hop] features, as
+    WhisperFeatureExtractor computes them for one clip (no padding to 30 s)."""
+    if len(wave) < spec.hop_length:
+        raise MediaError(f"an audio clip of {len(wave)} samples; it needs at least {spec.hop_length} (10 ms)")
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    stft = torch.stft(x, spec.n_fft, spec.hop_length, window=torch.hann_window(spec.n_fft), return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # [freq, frames]
+    bank = torch.from_numpy(mel_filters(spec.n_fft, spec.num_mel_bins, spec.sampling_rate)).float()
+    logspec = torch.clamp(bank.T @ power, min=1e-10).log10()
+    logspec = torch.maximum(logspec, logspec.max() - 8.0)
+    return (logspec + 4.0) / 4.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a prompt with media
+
+
+@dataclass
+class MediaPart:
+    """One decoded media part: its kind, content hash, and what the encoders need."""
+
+    kind: str  # image | video | audio
+    digest: bytes
+    pixels: list[np.ndarray] = field(default_factory=list)  # image/video patch rows, one array per temporal patch
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    features: torch.Tensor | None = None  # audio (or a video's audio track): [mel, frames]
+    seconds_per_grid: float = 0.0  # video: seconds one temporal patch spans
+
+
+@dataclass
+class Prompt:
+    """What the engine needs to run a prompt with media: token ids, the rows that replace placeholder embeddings,
+    DeepStack rows at the visual positions, M-RoPE positions, and the ids the prefix cache hashes."""
+
+    tokens: list[int]
+    counts: dict[str, int]  # prompt tokens per modality (placeholders' own markers count as text)
+    embed_index: torch.Tensor | None = None  # [n] positions whose embeddings are replaced, ascending
+    embeds: torch.Tensor | None = None  # [n, C]
+    visual_index: torch.Tensor | None = None  # [v] image/video positions, ascending (a subset of embed_index)
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # one [v, C] per DeepStack layer
+    rope_positions: torch.Tensor | None = None  # [3, len(tokens)] float32
+    rope_delta: float = 0.0  # a position p past the prompt has M-RoPE position p + rope_delta on every axis
+    hash_ids: list[int] | None = None  # tokens for prefix hashing: media pads replaced by content-derived ids
+
+    @property
+    def has_media(self) -> bool:
+        return self.embed_index is not None
+
+
+def is_parts(prompt: Any) -> bool:
+    """A list of parts (text and media) rather than a list of token ids."""
+    return isinstance(prompt, (list, tuple)) and any(not isinstance(p, int) or isinstance(p, bool) for p in prompt)
+
+
+def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, where: str = "part") -> MediaPart:
+    """A media part (dict with mime_type and data, a Path, a PIL image) -> MediaPart, decoded and patched."""
+    mime, data = _mime_and_data(part, where)
+    try:
+        kind = M.modality(mime)
+        raw = data if not isinstance(data, (bytes, bytearray)) else bytes(data)
+        digest_src = raw if isinstance(raw, bytes) else _image_bytes(raw)
+        out = MediaPart(kind, M.digest(kind.encode() + digest_src))
+        if kind == "image":
+            rows, grid = image_patches(raw, spec)
+            out.pixels, out.grids = [rows], [grid]
+        elif kind == "audio":
+            out.features = log_mel(M.load_audio(raw, spec.sampling_rate), spec)
+        else:
+            fps = video_fps or spec.video_fps
+            for rows, grid in video_patches((f for _, f in M.video_frames(raw, fps)), spec):
+                out.pixels.append(rows)
+                out.grids.append(grid)
+            out.seconds_per_grid = spec.temporal_patch_size / fps
+            track = M.video_audio(raw, spec.sampling_rate)
+            if len(track) >= spec.hop_length:
+                out.features = log_mel(track, spec)
+            out.digest = M.digest(out.digest + repr(fps).encode())
+    except MediaError as e:
+        raise MediaError(f"{where} ({mime}): {e}") from None
+    return out
+
+
+def _mime_and_data(part: Any, where: str) -> tuple[str, Any]:
+    if isinstance(part, dict):
+        mime = part.get("mime_type", part.get("mimeType"))
+        if not isinstance(mime, str) or "data" not in part:
+            raise MediaError(f"{where}: a media part is {{'mime_type': str, 'data': bytes}}, got keys {sorted(part)}")
+        data = part["data"]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MediaError(f"{where}: 'data' must be bytes, got {type(data).__name__}")
+        return mime, bytes(data)
+    if isinstance(part, Path):
+        return M.mime_of_path(part), M.read_bytes(part)
+    if type(part).__module__.startswith("PIL."):
+        return "image/png", part
+    raise MediaError(
+        f"{where}: expected text (str) or media (a dict with mime_type and data, a pathlib.Path, a PIL image), "
+        f"got {type(part).__name__}"
+    )
+
+
+def _image_bytes(img: Any) -> bytes:
+    return img.convert("RGB").tobytes() + repr(img.size).encode()
+
+
+class Builder:
+    """Assembles a Prompt part by part, keeping the M-RoPE positions as transformers' `get_rope_index` makes them:
+    text runs are consecutive on all three axes; a media block's tokens take (time, row, column) offsets from the
+    position after its start marker; whatever follows starts one past the largest position of the block's last piece."""
+
+    def __init__(self, spec: MediaSpec | None, encoders: OmniEncoders | None, dtype: torch.dtype):
+        self.spec, self.encoders, self.dtype = spec, encoders, dtype
+        self.tokens: list[int] = []
+        self.hash_ids: list[int] = []
+        self.positions: list[torch.Tensor] = []  # [3, n] pieces
+        self.next = 0.0  # the position the next text token gets
+        self.counts = dict.fromkeys(MODALITIES, 0)
+        self.embed_at: list[torch.Tensor] = []
+        self.embeds: list[torch.Tensor] = []
+        self.visual_at: list[torch.Tensor] = []
+        self.deepstack: list[list[torch.Tensor]] = []
+
+    def text(self, ids: list[int]) -> None:
+        if ids:
+            self._add(ids, torch.arange(len(ids), dtype=torch.float32).expand(3, -1) + self.next, "text")
+
+    def _add(self, ids: list[int], pos: torch.Tensor, kind: str, salt: bytes = b"") -> None:
+        start = len(self.tokens)
+        self.tokens += ids
+        if salt:  # media pads: ids derived from the content, never a real token id (those are >= 0)
+            base = int.from_bytes(salt[:7], "little")
+            self.hash_ids += [-1 - ((base + i) % (1 << 62)) for i in range(len(ids))]
+        else:
+            self.hash_ids += ids
+        self.positions.append(pos)
+        self.counts[kind] += len(ids)
+        self.next = float(pos.max()) + 1.0
+        if kind != "text":
+            self.embed_at.append(torch.arange(start, start + len(ids)))
+
+    def media(self, part: MediaPart) -> None:
+        s, enc = self.spec, self.encoders
+        if enc is None or s is None:
+            raise MediaError("this model has no media encoders; it reads text only")
+        if part.kind == "audio":
+            self.text([s.audio_start])
+            feats = enc.audio_tower(part.features.to(self.dtype))  # [n, C]
+            n = feats.shape[0]
+            self._add([s.audio_token] * n, torch.arange(n, dtype=torch.float32).expand(3, -1) + self.next, "audio",
+                      part.digest)  # fmt: skip
+            self.embeds.append(feats)
+            self.text([s.audio_end])
+            return
+        pad = s.image_token if part.kind == "image" else s.video_token
+        feats, deep = self._vision(part)  # [n, C], per DeepStack layer [n, C]
+        m = s.merge_size
+        per_grid = [(t, gh // m, gw // m) for t, gh, gw in part.grids]
+        if part.kind == "image":
+            t_pos = torch.zeros(1)
+        else:
+            t_pos = torch.arange(len(per_grid), dtype=torch.float32) * part.seconds_per_grid * s.position_id_per_seconds
+        vis = torch.cat([_grid_positions(t_pos[i : i + 1], h, w) for i, (_, h, w) in enumerate(per_grid)], dim=1)
+        with_audio = part.kind == "video" and part.features is not None
+        self.text([s.vision_start] + ([s.audio_start] if with_audio else []))
+        vis = vis + self.next
+        if not with_audio:
+            self._add([pad] * vis.shape[1], vis, part.kind, part.digest)
+            self.embeds.append(feats)
+            self.visual_at.append(self.embed_at[-1])
+            self.deepstack.append(deep)
+        else:
+            audio = enc.audio_tower(part.features.to(self.dtype))
+            aud = torch.arange(audio.shape[0], dtype=torch.float32).expand(3, -1) + self.next
+            self._interleave(vis, aud, feats, deep, audio, part.digest)
+        end = [s.audio_end, s.vision_end] if with_audio else [s.vision_end]
+        self.text(end)
+
+    def _interleave(self, vis, aud, vfeats, deep, afeats, digest: bytes) -> None:
+        """A video's frames and audio track in one block, merged by time (a frame's tokens before audio tokens of
+        the same time), as the processor lays out the pads and get_rope_index the positions."""
+        s = self.spec
+        vt, at = vis[0].tolist(), aud[0].tolist()
+        order, i, j = [], 0, 0
+        while i < len(vt) and j < len(at):
+            if vt[i] <= at[j]:
+                order.append(("v", i))
+                i += 1
+            else:
+                order.append(("a", j))
+                j += 1
+        order += [("v", k) for k in range(i, len(vt))] + [("a", k) for k in range(j, len(at))]
+        ids = [s.video_token if k == "v" else s.audio_token for k, _ in order]
+        pos = torch.stack([vis[:, x] if k == "v" else aud[:, x] for k, x in order], dim=1)
+        start = len(self.tokens)
+        self._add(ids, pos, "video", digest)
+        self.counts["video"] -= len(at)
+        self.counts["audio"] += len(at)
+        # transformers continues from the largest position of the block's last piece (the run left over when the
+        # other kind ran out), not of the whole block; that piece's largest position is its last token's
+        self.next = float(pos[:, -1].max()) + 1.0
+        at_v = torch.tensor([start + n for n, (k, _) in enumerate(order) if k == "v"])
+        at_a = torch.tensor([start + n for n, (k, _) in enumerate(order) if k == "a"])
+        self.embed_at[-1] = torch.cat([at_v, at_a])
+        self.embeds.append(torch.cat([vfeats, afeats]))
+        self.visual_at.append(at_v)
+        self.deepstack.append(deep)
+
+    def _vision(self, part: MediaPart) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode one temporal patch at a time (attention never crosses one), so long videos stay in bounded memory."""
+        feats, deep = [], []
+        for rows, grid in zip(part.pixels, part.grids):
+            f, d = self.encoders.visual(torch.from_numpy(rows).to(self.dtype), [grid])
+            feats.append(f)
+            deep.append(d)
+        return torch.cat(feats), [torch.cat(layer) for layer in zip(*deep)]
+
+    def build(self) -> Prompt:
+        if not self.tokens:
+            raise ValueError("the prompt is empty (no parts); give at least one")
+        pos = torch.cat(self.positions, dim=1)
+        p = Prompt(self.tokens, self.counts)
+        if self.embed_at:
+            index = torch.cat(self.embed_at)
+            order = torch.argsort(index)
+            p.embed_index, p.embeds = index[order], torch.cat(self.embeds)[order]
+            if self.visual_at:
+                v = torch.cat(self.visual_at)
+                vo = torch.argsort(v)
+                p.visual_index = v[vo]
+                p.deepstack = [torch.cat(layer)[vo] for layer in zip(*self.deepstack)]
+            p.rope_positions = pos
+            p.rope_delta = float(pos.max()) + 1.0 - len(self.tokens)
+            p.hash_ids = self.hash_ids
+        return p
+
+
+def _grid_positions(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(time, row, column) of each token of one temporal patch of h x w merged tokens: [3, h*w]."""
+    rows = torch.arange(h, dtype=torch.float32).view(-1, 1).expand(h, w).flatten()
+    cols = torch.arange(w, dtype=torch.float32).view(1, -1).expand(h, w).flatten()
+    return torch.stack([t.expand(h * w), rows, cols])
+
+
+def audio_tokens(frames: int, spec: MediaSpec) -> int:
+    return audio_output_length(frames, spec.n_window)

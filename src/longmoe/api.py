@@ -98,9 +98,10 @@ class Model:
             self._media = media_spec(Path(self.checkpoint.path), self.checkpoint.hub_config, vocab)
         return self._media
 
-    def prepare(self, parts: list[Any], video_fps: float | None = None) -> Prompt:
+    def prepare(self, parts: list[Any], video_fps: float | None = None, special_tokens: bool = True) -> Prompt:
         """Parts -> token ids, media embeddings (encoders run here) and M-RoPE positions. Text is tokenized as given
-        (no chat template); each media part becomes its placeholder block."""
+        (no chat template; special tokens such as a BOS added at the start, as for a plain prompt, unless
+        `special_tokens` is False); each media part becomes its placeholder block."""
         if not isinstance(parts, (list, tuple)) or not parts:
             raise TypeError("a multimodal prompt is a non-empty list of parts (str and media)")
         spec = self.media if any(not isinstance(p, str) for p in parts) else None
@@ -109,9 +110,11 @@ class Model:
             for i, part in enumerate(parts):
                 if isinstance(part, str):
                     # special tokens (a BOS) only where a plain-text prompt would have them: at the start
-                    b.text(self.encode(part) if i == 0 else self.tokenizer.encode(part, add_special_tokens=False))
+                    add = special_tokens and i == 0
+                    b.text(self.encode(part) if add else self.tokenizer.encode(part, add_special_tokens=False))
                 else:
-                    b.media(decode_part(part, spec, video_fps, where=f"part {i}"))
+                    where = part.get("where", f"part {i}") if isinstance(part, dict) else f"part {i}"
+                    b.media(decode_part(part, spec, video_fps, where=where))
             return b.build()
 
     def submit(self, prompt: str | list[int] | list[Any], video_fps: float | None = None, **params: Any) -> Sequence:

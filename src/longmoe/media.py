@@ -213,3 +213,15 @@ def video_audio(
     lo = int(start * rate)
     hi = len(wave) if end is None else int(end * rate)
     return wave[lo:hi]
+
+
+def check(mime_type: str, data: bytes) -> None:
+    """Decode enough of a media file to know it is usable (an upload's PROCESSING step); MediaError if not."""
+    kind = modality(mime_type)
+    if kind == "image":
+        load_image(data)
+    elif kind == "audio":
+        if len(load_audio(data)) == 0:
+            raise MediaError("the audio has no samples")
+    else:
+        next(iter(video_frames(data, fps=1.0)))  # raises MediaError when there is no frame

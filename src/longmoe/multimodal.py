@@ -260,13 +260,21 @@ class Prompt:
 
 
 def is_parts(prompt: Any) -> bool:
-    """A list of parts (text and media) rather than a list of token ids."""
-    return isinstance(prompt, (list, tuple)) and any(not isinstance(p, int) or isinstance(p, bool) for p in prompt)
+    """A list of parts (text and media) rather than a list of token ids (of which the engine checks every one)."""
+    return isinstance(prompt, (list, tuple)) and any(
+        isinstance(p, (str, dict, Path)) or type(p).__module__.startswith("PIL.") for p in prompt
+    )
 
 
 def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, where: str = "part") -> MediaPart:
-    """A media part (dict with mime_type and data, a Path, a PIL image) -> MediaPart, decoded and patched."""
+    """A media part (dict with mime_type and data, a Path, a PIL image) -> MediaPart, decoded and patched. A dict
+    may also say, for a video, "fps" (frames sampled per second) and "start_offset" / "end_offset" (seconds)."""
     mime, data = _mime_and_data(part, where)
+    opts = part if isinstance(part, dict) else {}
+    start, end = float(opts.get("start_offset") or 0.0), opts.get("end_offset")
+    end = None if end is None else float(end)
+    if start < 0 or (end is not None and end <= start):
+        raise MediaError(f"{where}: the clip from {start:g}s to {end if end is not None else 'the end'}s is empty")
     try:
         kind = M.modality(mime)
         raw = data if not isinstance(data, (bytes, bytearray)) else bytes(data)
@@ -278,15 +286,15 @@ def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, wher
         elif kind == "audio":
             out.features = log_mel(M.load_audio(raw, spec.sampling_rate), spec)
         else:
-            fps = video_fps or spec.video_fps
-            for rows, grid in video_patches((f for _, f in M.video_frames(raw, fps)), spec):
+            fps = float(opts.get("fps") or video_fps or spec.video_fps)
+            for rows, grid in video_patches((f for _, f in M.video_frames(raw, fps, start, end)), spec):
                 out.pixels.append(rows)
                 out.grids.append(grid)
             out.seconds_per_grid = spec.temporal_patch_size / fps
-            track = M.video_audio(raw, spec.sampling_rate)
+            track = M.video_audio(raw, spec.sampling_rate, start, end)
             if len(track) >= spec.hop_length:
                 out.features = log_mel(track, spec)
-            out.digest = M.digest(out.digest + repr(fps).encode())
+            out.digest = M.digest(out.digest + repr((fps, start, end)).encode())
     except MediaError as e:
         raise MediaError(f"{where} ({mime}): {e}") from None
     return out

@@ -329,16 +329,18 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------------
     # pinned, named prefixes (context caching)
 
-    def pin(self, name: str, prompt: list[int], ttl: float) -> Sequence:
+    def pin(self, name: str, prompt: list[int], ttl: float, media: Prompt | None = None) -> Sequence:
         """Compute `prompt`'s KV and keep its full blocks cached under `name` for `ttl` seconds. Any request whose
-        prompt starts with these tokens reuses them. Returns the prefill sequence (wait on it)."""
+        prompt starts with these tokens (and the same media) reuses them. Returns the prefill sequence (wait on it)."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"a pin's name is a non-empty string, got {name!r}")
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
             raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
         prompt = self._check_prompt(prompt)
         self.check_fits(len(prompt))
-        seq = Sequence(next(self._ids), prompt, SamplingParams(max_new_tokens=0), None)
+        if media is not None and media.tokens != prompt:
+            raise ValueError("media must come from this prompt's longmoe.multimodal.Prompt")
+        seq = Sequence(next(self._ids), prompt, SamplingParams(max_new_tokens=0), None, media)
         seq._pin = (name, ttl)
         return self._enqueue(seq)
 

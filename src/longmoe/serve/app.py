@@ -179,6 +179,8 @@ def create_app(model: Model, name: str, *, api_key: str | None = None, data_dir:
     async def lifespan(app: FastAPI):
         runner.start()
         await caches.sweep()
+        for file_id in store.files_in_state("PROCESSING"):  # media whose check a restart interrupted
+            gemini_api.check_media_file(st, file_id)
         yield
         await runner.stop()
         store.close()

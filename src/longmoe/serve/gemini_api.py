@@ -20,8 +20,11 @@ from starlette.background import BackgroundTask
 
 from ..engine.engine import SamplingParams, Sequence
 from ..engine.planner import MemoryPlanError
+from ..media import AUDIO_TYPES, IMAGE_TYPES, VIDEO_TYPES, MediaError, modality
+from ..media import check as media_check
+from ..multimodal import Prompt
 from .errors import ApiError, invalid, not_found
-from .runtime import Job, Prefix, ServedModel, State
+from .runtime import Job, Prefix, ServedModel, State, media_marker
 from .schemas import (
     CachedContentCreate,
     CachedContentUpdate,
@@ -138,8 +141,39 @@ def file_id_of(uri: str) -> str | None:
     return m[1] if m else None
 
 
-def part_text(st: State, part: Part, where: str) -> tuple[str, bool]:
-    """The text of one part, and whether it is a document (a file or inline data) rather than typed text."""
+def duration(value: str | None, where: str) -> float | None:
+    """A protobuf Duration as JSON writes it ("10s", "1.5s"; plain seconds are accepted too)."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)s?\s*", str(value))
+    if not m:
+        raise invalid(f"{where} {str(value)[:40]!r} is not a duration such as '10s' or '1.5s'")
+    return float(m[1])
+
+
+def media_piece(mime: str, data: bytes, part: Part, where: str) -> dict[str, Any]:
+    """A media part as longmoe.multimodal takes it, with its videoMetadata (clip offsets, frames per second)."""
+    try:
+        kind = modality(mime)
+    except MediaError:
+        raise invalid(f"{where} has MIME type {mime!r}; this server reads text, images ({', '.join(IMAGE_TYPES)}), "
+                      f"audio ({', '.join(AUDIO_TYPES)}) and video ({', '.join(VIDEO_TYPES)})") from None  # fmt: skip
+    piece: dict[str, Any] = {"mime_type": mime, "data": data, "where": where}
+    vm = part.video_metadata
+    if vm is not None:
+        if kind != "video":
+            raise invalid(f"{where}: videoMetadata is set on a {kind} part")
+        start = duration(vm.start_offset, f"{where}.videoMetadata.startOffset")
+        end = duration(vm.end_offset, f"{where}.videoMetadata.endOffset")
+        if start is not None and end is not None and end <= start:
+            raise invalid(f"{where}.videoMetadata: endOffset ({end:g}s) must be after startOffset ({start:g}s)")
+        piece.update(start_offset=start, end_offset=end, fps=vm.fps)
+    return piece
+
+
+def part_text(st: State, part: Part, where: str) -> tuple[str | dict[str, Any], bool]:
+    """The text of one part, or a media part (a dict with mime_type and data), and whether it is a document (a file
+    or inline data) rather than typed text."""
     given = [k for k in ("text", "inline_data", "file_data") if getattr(part, k) is not None]
     if not given:
         raise invalid(f"{where} has no text, inlineData or fileData (function calls and other parts are not "
@@ -151,9 +185,10 @@ def part_text(st: State, part: Part, where: str) -> tuple[str, bool]:
         return part.text, False
     if part.inline_data is not None:
         blob = part.inline_data
+        data = b64decode(blob.data, where)
         if not is_text(blob.mime_type):
-            raise invalid(f"{where}.inlineData has MIME type {blob.mime_type!r}; this server reads text only for now")
-        return utf8(b64decode(blob.data, where), f"{where}.inlineData"), True
+            return media_piece(blob.mime_type, data, part, f"{where}.inlineData"), False
+        return utf8(data, f"{where}.inlineData"), True
     uri = part.file_data.file_uri
     file_id = file_id_of(uri)
     if file_id is None:
@@ -161,35 +196,45 @@ def part_text(st: State, part: Part, where: str) -> tuple[str, bool]:
     record = st.store.get_file(file_id)
     if record is None:
         raise not_found(f"{where}.fileData: files/{file_id} does not exist (deleted, or uploaded elsewhere)")
-    if not is_text(record.mime_type):
-        raise invalid(f"{where}.fileData: files/{file_id} has MIME type {record.mime_type!r}; this server reads text "
-                      "only for now")  # fmt: skip
+    if record.state == "PROCESSING":
+        raise invalid(f"{where}.fileData: files/{file_id} is still PROCESSING; poll files.get until it is ACTIVE")
+    if record.state == "FAILED":
+        raise invalid(f"{where}.fileData: files/{file_id} FAILED its check: {record.error}")
     try:
         data = st.store.read_file(file_id)
     except FileNotFoundError:
         raise not_found(f"{where}.fileData: files/{file_id} does not exist") from None
+    if not is_text(record.mime_type):
+        return media_piece(record.mime_type, data, part, f"{where}.fileData files/{file_id}"), False
     return utf8(data, f"{where}.fileData files/{file_id}"), True
 
 
-def content_text(st: State, parts: list[Part], where: str) -> str:
-    """Text parts are joined as they are; a document is a paragraph of its own (a blank line before and after)."""
+def content_text(st: State, parts: list[Part], where: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Text parts are joined as they are; a document is a paragraph of its own (a blank line before and after); a
+    media part stands in the text as a marker (runtime.media_marker) and is returned by it."""
     if not parts:
         raise invalid(f"{where} has no parts")
-    out, prev_doc = "", False
+    out, prev_doc, media = "", False, {}
     for i, part in enumerate(parts):
         text, doc = part_text(st, part, f"{where}.parts[{i}]")
+        if isinstance(text, dict):
+            marker = media_marker(text)
+            media[marker] = text
+            text = marker
         out += ("\n\n" if i and (doc or prev_doc) else "") + text
         prev_doc = doc
-    return out
+    return out, media
 
 
-def to_messages(st: State, contents: list[Content], system: Content | None) -> list[dict[str, str]]:
+def to_messages(st: State, contents: list[Content], system: Content | None) -> list[dict[str, Any]]:
+    """{"role", "content"} per turn; a turn with media also has "media": {marker: part} (see content_text)."""
     messages = []
-    if system is not None:
-        messages.append({"role": "system", "content": content_text(st, system.parts, "systemInstruction")})
-    for i, c in enumerate(contents):
-        role = "assistant" if c.role == "model" else "user"
-        messages.append({"role": role, "content": content_text(st, c.parts, f"contents[{i}]")})
+    turns = ([("system", system, "systemInstruction")] if system is not None else []) + [
+        ("assistant" if c.role == "model" else "user", c, f"contents[{i}]") for i, c in enumerate(contents)
+    ]
+    for role, content, where in turns:
+        text, media = content_text(st, content.parts, where)
+        messages.append({"role": role, "content": text, **({"media": media} if media else {})})
     return messages
 
 
@@ -244,7 +289,7 @@ async def live_cache(st: State, name: str) -> CacheRecord:
 
 
 async def build_prompt(st: State, served: ServedModel, body: GenerateContentRequest, pin: bool = True
-                       ) -> tuple[list[int], Prefix | None]:  # fmt: skip
+                       ) -> tuple[Prompt, Prefix | None]:  # fmt: skip
     prefix = None
     if body.tools:
         raise invalid("tools (function calling) are not supported by this server")
@@ -259,14 +304,14 @@ async def build_prompt(st: State, served: ServedModel, body: GenerateContentRequ
     elif not body.contents:
         raise invalid("contents is empty; give at least one content with a part")
     messages = await asyncio.to_thread(to_messages, st, body.contents, body.system_instruction)
-    ids = await asyncio.to_thread(served.prompt_ids, messages, prefix)
-    return ids, prefix
+    prompt = await asyncio.to_thread(served.prompt, messages, prefix)
+    return prompt, prefix
 
 
 async def start(st: State, served: ServedModel, body: GenerateContentRequest) -> tuple[Job, Prefix | None, bool]:
-    ids, prefix = await build_prompt(st, served, body)
-    params, n = sampling(served, body.generation_config, len(ids))
-    return st.runner.submit([ids], params, n), prefix, params.logprobs
+    prompt, prefix = await build_prompt(st, served, body)
+    params, n = sampling(served, body.generation_config, len(prompt.tokens))
+    return st.runner.submit([prompt], params, n), prefix, params.logprobs
 
 
 def engine_failure(job: Job) -> ApiError | None:
@@ -292,8 +337,13 @@ def usage(job: Job, prefix: Prefix | None) -> dict[str, Any]:
     out = {"promptTokenCount": prompt, "candidatesTokenCount": generated, "totalTokenCount": prompt + generated}
     if prefix is not None or seq.num_cached:
         out["cachedContentTokenCount"] = seq.num_cached  # prompt tokens whose KV was reused, not recomputed
-    out["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
+    out["promptTokensDetails"] = modality_counts(seq.media.counts if seq.media else {"text": prompt})
     return out
+
+
+def modality_counts(counts: dict[str, int]) -> list[dict[str, Any]]:
+    """ModalityTokenCount entries (TEXT, IMAGE, VIDEO, AUDIO) for the modalities a prompt holds."""
+    return [{"modality": k.upper(), "tokenCount": n} for k, n in counts.items() if n]
 
 
 def response_body(served: ServedModel, job: Job, prefix: Prefix | None, logprobs: bool, rid: str) -> dict[str, Any]:
@@ -407,9 +457,8 @@ async def count_tokens(model: str, body: CountTokensRequest, request: Request) -
         resolve_model(st, inner.model)
     if not inner.contents and not inner.cached_content and inner.system_instruction is None:
         return {"totalTokens": 0, "promptTokensDetails": []}
-    ids, prefix = await build_prompt(st, served, inner, pin=False)
-    out: dict[str, Any] = {"totalTokens": len(ids), "promptTokensDetails": [{"modality": "TEXT",
-                                                                           "tokenCount": len(ids)}]}  # fmt: skip
+    prompt, prefix = await build_prompt(st, served, inner, pin=False)
+    out: dict[str, Any] = {"totalTokens": len(prompt.tokens), "promptTokensDetails": modality_counts(prompt.counts)}
     if prefix is not None:
         out["cachedContentTokenCount"] = len(prefix.ids)
     return out
@@ -560,9 +609,11 @@ def file_resource(record: FileRecord, base: str, version: str) -> dict[str, Any]
         "updateTime": rfc3339(record.create_time),
         "sha256Hash": base64.b64encode(record.sha256.encode()).decode(),
         "uri": f"{base}/{version}/files/{record.id}",
-        "state": "ACTIVE",
+        "state": record.state,
         "source": "UPLOADED",
     }
+    if record.state == "FAILED":
+        out["error"] = {"code": 400, "message": record.error or "the file could not be decoded"}
     if record.display_name:
         out["displayName"] = record.display_name
     return out
@@ -608,6 +659,37 @@ async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
     if not state(request).store.delete_file(file_id_param(file_id)):
         raise not_found(f"files/{file_id} not found")
     return {}
+
+
+def is_media(mime: str) -> bool:
+    try:
+        modality(mime)
+        return True
+    except MediaError:
+        return False
+
+
+_checks: set[asyncio.Task] = set()  # running checks (the event loop keeps only weak references to tasks)
+
+
+def check_media_file(st: State, file_id: str) -> None:
+    """PROCESSING -> ACTIVE once the file decodes (checked once, in a worker thread), else FAILED with the reason."""
+
+    def run() -> None:
+        record = st.store.get_file(file_id)
+        if record is None:
+            return
+        try:
+            media_check(record.mime_type, st.store.read_file(file_id))
+            st.store.set_file_state(file_id, "ACTIVE")
+        except MediaError as e:
+            st.store.set_file_state(file_id, "FAILED", str(e))
+        except FileNotFoundError:
+            pass  # deleted meanwhile
+
+    task = asyncio.get_running_loop().create_task(asyncio.to_thread(run))
+    _checks.add(task)
+    task.add_done_callback(_checks.discard)
 
 
 def _upload_error(code: int, message: str) -> ApiError:
@@ -692,10 +774,13 @@ async def _upload_chunk(st: State, request: Request, token: str) -> Response:
         except StoreError as e:
             raise _upload_error(400, str(e)) from None
     if "finalize" in commands:
+        media = is_media(upload.mime_type)
         try:
-            record = await asyncio.to_thread(st.store.finalize_upload, token)
+            record = await asyncio.to_thread(st.store.finalize_upload, token, "PROCESSING" if media else "ACTIVE")
         except StoreError as e:
             raise _upload_error(400, str(e)) from None
+        if media:
+            check_media_file(st, record.id)
         body = {"file": file_resource(record, base_url(request), api_version(request))}
         return JSONResponse(body, headers={"x-goog-upload-status": "final"})
     return Response(headers={"x-goog-upload-status": "active", "x-goog-upload-size-received": str(received)})

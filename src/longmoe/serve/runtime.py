@@ -10,12 +10,16 @@ polling loop per request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..api import Model
 from ..engine.engine import SamplingParams, Sequence
 from ..errors import LongmoeError
+from ..multimodal import Prompt
 from ..tokenizer import Tokenizer
 from .chat import ChatTemplate
 from .errors import ApiError, invalid
@@ -29,9 +33,25 @@ GEMINI_OUTPUT_LIMIT = 8192  # Gemini 1.5's outputTokenLimit; the default length 
 class Prefix:
     """The start every request naming a cached content shares: its conversation, rendered text and token ids."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     text: str
     ids: list[int]
+    media: Prompt | None = None  # its media embeddings and M-RoPE positions, when it holds media
+
+
+MARKER = re.compile("(\x00media:[0-9a-f]{24}\x00)")
+
+
+def media_marker(part: dict[str, Any]) -> str:
+    """What a media part stands as in a conversation's text until it is tokenized: NUL-delimited (no chat template
+    writes NUL) and named by its content and clip settings, so the same media always gets the same marker."""
+    key = hashlib.sha256(part["data"])
+    key.update(repr((part.get("start_offset"), part.get("end_offset"), part.get("fps"))).encode())
+    return f"\x00media:{key.hexdigest()[:24]}\x00"
+
+
+def conversation_media(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: v for m in messages for k, v in (m.get("media") or {}).items()}
 
 
 class ServedModel:
@@ -66,19 +86,44 @@ class ServedModel:
         except Exception as e:  # the tokenizers library raises bare Exceptions on text it cannot read
             raise invalid(f"the prompt cannot be tokenized: {e}") from None
 
-    def prefix(self, messages: list[dict[str, str]]) -> Prefix:
+    def prefix(self, messages: list[dict[str, Any]]) -> Prefix:
         text = self.template.render(messages, add_generation_prompt=False)
+        media = conversation_media(messages)
+        if media:
+            prompt = self.with_media(text, media)
+            return Prefix(messages, text, prompt.tokens, prompt)
         return Prefix(messages, text, self.encode(text))
 
-    def prompt_ids(self, messages: list[dict[str, str]], prefix: Prefix | None = None) -> list[int]:
-        """The token ids of a conversation, after a cached prefix if given. The prefix's own ids come first so that
-        its pinned KV is reused; the rest is tokenized from where the prefix's text ends."""
+    def prompt(self, messages: list[dict[str, Any]], prefix: Prefix | None = None) -> Prompt:
+        """A conversation as the engine takes it, after a cached prefix if given. The prefix's own ids come first so
+        that its pinned KV is reused; the rest is tokenized from where the prefix's text ends. With media, the whole
+        conversation is prepared (media encoded); a cached prefix's KV is still reused, found by content."""
+        turns = (prefix.messages if prefix is not None else []) + messages
+        media = conversation_media(turns)
+        if media:
+            return self.with_media(self.template.render(turns), media)
         if prefix is None:
-            return self.encode(self.template.render(messages))
-        full = self.template.render(prefix.messages + messages)
-        if full.startswith(prefix.text):
-            return prefix.ids + self.encode(full[len(prefix.text) :], continuation=True)
-        return self.encode(full)  # a template that rewrites earlier turns: still right, without the KV reuse
+            ids = self.encode(self.template.render(messages))
+        else:
+            full = self.template.render(turns)
+            if full.startswith(prefix.text):
+                ids = prefix.ids + self.encode(full[len(prefix.text) :], continuation=True)
+            else:
+                ids = self.encode(full)  # a template that rewrites earlier turns: still right, without the KV reuse
+        return Prompt(ids, {"text": len(ids)})
+
+    def prompt_ids(self, messages: list[dict[str, Any]], prefix: Prefix | None = None) -> list[int]:
+        return self.prompt(messages, prefix).tokens
+
+    def with_media(self, text: str, media: dict[str, dict[str, Any]]) -> Prompt:
+        """Rendered text with media markers -> parts -> a Prompt (media decoded and encoded); a 400 naming the part
+        when one cannot be used."""
+        pieces = MARKER.split(text)
+        parts = [media[p] if i % 2 else p for i, p in enumerate(pieces) if i % 2 or p]
+        try:
+            return self.model.prepare(parts, special_tokens=self.template.plain)
+        except (LongmoeError, ValueError, TypeError) as e:
+            raise invalid(" ".join(str(e).split())) from None
 
     def check_context(self, prompt_len: int, max_new: int | None, field_name: str) -> int:
         """The number of tokens to generate (the default fills the context up to outputTokenLimit); a 400 naming
@@ -166,26 +211,27 @@ class Runner:
                 headers={"Retry-After": "1"},
             )
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Job:
-        """Queue `n` samples of each prompt (seeds seed, seed+1, ... so that samples differ) as one job, all or none.
-        Bad settings are a 400; beyond the queue's bound a 429."""
+    def submit(self, prompts: list[list[int] | Prompt], params: SamplingParams, n: int = 1) -> Job:
+        """Queue `n` samples of each prompt (token ids, or a Prompt with media; seeds seed, seed+1, ... so that
+        samples differ) as one job, all or none. Bad settings are a 400; beyond the queue's bound a 429."""
         self._admit(n * len(prompts))
         seqs: list[Sequence] = []
         try:
-            for ids in prompts:
+            for prompt in prompts:
+                ids, media = (prompt.tokens, prompt) if isinstance(prompt, Prompt) else (prompt, None)
                 for i in range(n):
                     seed = params.seed + i if params.seed is not None else None
-                    seqs.append(self.engine.submit(ids, replace(params, seed=seed)))
+                    seqs.append(self.engine.submit(ids, replace(params, seed=seed), media=media))
         except (TypeError, ValueError, LongmoeError) as e:
             for s in seqs:
                 self.engine.abandon(s)
             raise invalid(" ".join(str(e).split())) from None
         return self._track(Job(seqs))
 
-    def pin(self, name: str, ids: list[int], ttl: float) -> Job:
+    def pin(self, name: str, ids: list[int], ttl: float, media: Prompt | None = None) -> Job:
         self._admit(1)
         try:
-            seq = self.engine.pin(name, ids, ttl)
+            seq = self.engine.pin(name, ids, ttl, media)
         except (TypeError, ValueError, LongmoeError) as e:
             raise invalid(" ".join(str(e).split())) from None
         return self._track(Job([seq], count_tokens=False))
@@ -291,7 +337,7 @@ class Caches:
         ttl = expire_time - time.time()
         if ttl <= 0:
             return
-        job = self.runner.pin(pin_name(cache_id), prefix.ids, ttl)
+        job = self.runner.pin(pin_name(cache_id), prefix.ids, ttl, prefix.media)
         try:
             await self.runner.wait(job)
             seq = job.seqs[0]

@@ -69,10 +69,17 @@ class FileData(GeminiModel):
     file_uri: str = Field(description="the `uri` of an uploaded file (or files/ID)")
 
 
+class VideoMetadata(GeminiModel):
+    start_offset: str | None = Field(None, description="a duration, e.g. '10s'")
+    end_offset: str | None = Field(None, description="a duration, e.g. '70.5s'")
+    fps: Float | None = Field(None, gt=0, le=24, description="frames sampled per second (default 2)")
+
+
 class Part(GeminiModel):
     text: str | None = None
     inline_data: Blob | None = None
     file_data: FileData | None = None
+    video_metadata: VideoMetadata | None = None
     thought: bool | None = None
 
 

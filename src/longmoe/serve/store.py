@@ -16,6 +16,7 @@ LONGMOE_DATA_DIR or `longmoe serve --data-dir` moves it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ ID_ALPHABET = string.ascii_lowercase + string.digits  # the Gemini SDK only acce
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, display_name TEXT, mime_type TEXT NOT NULL, size_bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, create_time REAL NOT NULL);
+    sha256 TEXT NOT NULL, create_time REAL NOT NULL, state TEXT NOT NULL DEFAULT 'ACTIVE', error TEXT);
 CREATE TABLE IF NOT EXISTS uploads (
     token TEXT PRIMARY KEY, file_id TEXT NOT NULL, display_name TEXT, mime_type TEXT NOT NULL, size_bytes INTEGER,
     create_time REAL NOT NULL);
@@ -65,6 +66,8 @@ class FileRecord:
     size_bytes: int
     sha256: str
     create_time: float
+    state: str = "ACTIVE"  # PROCESSING (media being checked) | ACTIVE | FAILED
+    error: str | None = None  # why it FAILED
 
 
 @dataclass
@@ -124,6 +127,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # with WAL: consistent after a crash, fsync per checkpoint
             self.db.executescript(SCHEMA)
+            columns = {r["name"] for r in self.db.execute("PRAGMA table_info(files)")}
+            if "state" not in columns:  # a database made before media files had states
+                self.db.execute("ALTER TABLE files ADD COLUMN state TEXT NOT NULL DEFAULT 'ACTIVE'")
+                self.db.execute("ALTER TABLE files ADD COLUMN error TEXT")
         self._recover()
 
     def close(self) -> None:
@@ -200,7 +207,7 @@ class Store:
                 f.write(data)
             return have + len(data)
 
-    def finalize_upload(self, token: str) -> FileRecord:
+    def finalize_upload(self, token: str, state: str = "ACTIVE") -> FileRecord:
         upload = self.get_upload(token)
         if upload is None:
             raise KeyError(token)
@@ -217,13 +224,14 @@ class Store:
             os.replace(part, self.files_dir / upload.file_id)
             _fsync_dir(self.files_dir)
             record = FileRecord(upload.file_id, upload.display_name, upload.mime_type, size, digest.hexdigest(),
-                                time.time())  # fmt: skip
+                                time.time(), state)  # fmt: skip
             with self._lock:
                 self.db.execute("BEGIN")
                 self.db.execute(
-                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO files (id, display_name, mime_type, size_bytes, sha256, create_time, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.display_name, record.mime_type, record.size_bytes, record.sha256,
-                     record.create_time),
+                     record.create_time, record.state),
                 )  # fmt: skip
                 self.db.execute("DELETE FROM uploads WHERE token = ?", (token,))
                 self.db.execute("COMMIT")
@@ -250,6 +258,14 @@ class Store:
         items = [FileRecord(**dict(r)) for r in rows[:limit]]
         return items, (offset + limit if len(rows) > limit else None)
 
+    def files_in_state(self, state: str) -> list[str]:
+        with self._lock:
+            return [r["id"] for r in self.db.execute("SELECT id FROM files WHERE state = ?", (state,))]
+
+    def set_file_state(self, file_id: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            self.db.execute("UPDATE files SET state = ?, error = ? WHERE id = ?", (state, error, file_id))
+
     def read_file(self, file_id: str) -> bytes:
         return (self.files_dir / file_id).read_bytes()
 
@@ -262,8 +278,14 @@ class Store:
     # ---------------------------------------------------------------------------------------------------------------
     # cached contents
 
-    def put_cache(self, record: CacheRecord, messages: list[dict[str, str]]) -> None:
-        atomic_write(self.caches_dir / f"{record.id}.json", json.dumps(messages).encode())
+    def put_cache(self, record: CacheRecord, messages: list[dict[str, Any]]) -> None:
+        # media bytes in a conversation are kept as {"$base64": ...}
+        def encode(x: Any) -> Any:
+            if isinstance(x, (bytes, bytearray)):
+                return {"$base64": base64.b64encode(x).decode()}
+            raise TypeError(f"cannot store {type(x).__name__} in a cached content")
+
+        atomic_write(self.caches_dir / f"{record.id}.json", json.dumps(messages, default=encode).encode())
         with self._lock:
             self.db.execute(
                 "INSERT INTO cached_contents VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -277,7 +299,10 @@ class Store:
         return CacheRecord(**dict(row)) if row else None
 
     def cache_messages(self, cache_id: str) -> list[dict[str, Any]]:
-        return json.loads((self.caches_dir / f"{cache_id}.json").read_text(encoding="utf-8"))
+        def decode(d: dict[str, Any]) -> Any:
+            return base64.b64decode(d["$base64"]) if set(d) == {"$base64"} else d
+
+        return json.loads((self.caches_dir / f"{cache_id}.json").read_text(encoding="utf-8"), object_hook=decode)
 
     def list_caches(self, offset: int, limit: int) -> tuple[list[CacheRecord], int | None]:
         with self._lock:

@@ -373,3 +373,47 @@ def test_gemini_api_uploaded_video_with_metadata_and_cache(omni, media, gclient,
                      json={"contents": [{"parts": [{"fileData": {"fileUri": broken.uri}}]}]})
     assert use.status_code == 400 and "FAILED" in use.text
     assert httpx.get(f"{omni_server.url}/healthz").status_code == 200
+
+
+def test_long_audio_streams_in_blocks_and_windows_exactly(omni):
+    """Long audio never sits decoded in one array: features come block by block (two passes: the clip's maximum,
+    then the features), and the encoder runs one 8-s attention window at a time. Both equal the whole-clip forms."""
+    path, _ = omni
+    spec = MM.MediaSpec(0, 1, 2, 3, 4, 5, 6)
+    wave = np.concatenate([R.tone(7.3, 300.0, 16000), R.tone(9.0, 520.0, 16000) * 0.2, R.tone(5.05, 90.0, 16000)])
+    whole = features(tf.WhisperFeatureExtractor(feature_size=128), wave)  # [128, 2135]
+    blocks = lambda: (wave[i : i + 4999] for i in range(0, len(wave), 4999))  # noqa: E731
+    total, segments = MM.audio_features(blocks, spec, segment=800)
+    segments = list(segments)
+    assert total == whole.shape[1] and [s.shape[1] for s in segments] == [800, 800, 535]
+    assert torch.allclose(torch.cat(segments, dim=1), whole, atol=1e-5)
+    tower = longmoe.load(path, dtype="float32").checkpoint.encoders.audio_tower
+    with torch.no_grad():
+        at_once = tower(whole)
+        windowed = torch.cat([tower(s, clip_frames=total) for s in segments])
+    assert at_once.shape[0] == 104 * 2 + 70 and torch.allclose(at_once, windowed, atol=1e-5)
+
+
+def test_video_patches_are_the_image_path_per_frame_pair(media):
+    """A temporal patch of two frames is the image path's patch rows with the two frames in the time slots (an
+    image is a pair of equal frames)."""
+    from PIL import Image
+
+    spec = MM.MediaSpec(0, 1, 2, 3, 4, 5, 6)
+    frames = [f for _, f in M.video_frames(media["video"]["data"], FPS)]
+    pairs = list(MM.video_patches(frames, spec))
+    h, w = smart_resize(*frames[0].shape[:2], 32, spec.video_min_pixels, spec.video_max_pixels)
+    image_spec = MM.MediaSpec(0, 1, 2, 3, 4, 5, 6, min_pixels=3136, max_pixels=h * w)
+
+    def as_image(frame):  # a frame at the video's size: the image path keeps it (sides are multiples of 32)
+        return Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC)
+
+    for k, (rows, grid) in enumerate(pairs):
+        a, b = frames[2 * k], frames[min(2 * k + 1, len(frames) - 1)]  # an odd last frame is repeated
+        ra, ga = MM.image_patches(as_image(a), image_spec)
+        rb, _ = MM.image_patches(as_image(b), image_spec)
+        assert grid == ga
+        # rows are (C, T, P, P): time slot 0 from frame a, slot 1 from frame b
+        got = rows.reshape(-1, 3, 2, 256)
+        assert np.array_equal(got[:, :, 0], ra.reshape(-1, 3, 2, 256)[:, :, 0])
+        assert np.array_equal(got[:, :, 1], rb.reshape(-1, 3, 2, 256)[:, :, 1])

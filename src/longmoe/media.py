@@ -89,17 +89,38 @@ def load_image(data: Any) -> Any:
 
 
 def load_audio(data: bytes | str | Path, rate: int = 16000) -> np.ndarray:
-    """Audio bytes or a path (WAV, FLAC, OGG, MP3) -> mono float32 samples at `rate` Hz."""
+    """Audio bytes or a path (WAV, FLAC, OGG, MP3) -> mono float32 samples at `rate` Hz, as one array."""
+    pieces = list(audio_stream(data, rate))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def audio_stream(
+    data: bytes | str | Path, rate: int = 16000, block_seconds: float = 30.0
+) -> Iterator[np.ndarray]:
+    """Audio bytes or a path -> mono float32 samples at `rate` Hz, one block at a time (an hour of audio is never one
+    array): libsndfile's block reader through soxr's streaming resampler; audio-only MP4/M4A/WebM through PyAV."""
     import soundfile as sf
+    import soxr
 
     raw = read_bytes(data)
     try:
-        wave, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)  # [samples, channels]
+        f = sf.SoundFile(io.BytesIO(raw))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        if _looks_like_container(raw):  # an audio-only MP4/M4A/WebM: PyAV reads those
-            return _audio_track(raw, rate)
+        if _looks_like_container(raw):
+            yield from _audio_track_stream(raw, rate, 0.0, None)
+            return
         raise MediaError(f"the audio does not decode ({e}); send WAV, FLAC, OGG or MP3 bytes") from None
-    return resample(wave.mean(axis=1), sr, rate)
+    with f:
+        stream = None if f.samplerate == rate else soxr.ResampleStream(f.samplerate, rate, 1, dtype="float32")
+        for block in f.blocks(blocksize=max(1, int(block_seconds * f.samplerate)), dtype="float32", always_2d=True):
+            mono = np.ascontiguousarray(block.mean(axis=1), dtype=np.float32)
+            out = mono if stream is None else stream.resample_chunk(mono)
+            if len(out):
+                yield out
+        if stream is not None:
+            tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+            if len(tail):
+                yield tail
 
 
 def resample(wave: np.ndarray, sr: int, rate: int) -> np.ndarray:
@@ -180,39 +201,53 @@ def video_frames(
             raise MediaError(f"no video frames between {start:g}s and {end if end is not None else 'the end'}")
 
 
-def _audio_track(raw: bytes, rate: int) -> np.ndarray:
+def video_audio(
+    data: bytes | str | Path, rate: int = 16000, start: float = 0.0, end: float | None = None
+) -> np.ndarray:
+    """The audio track of a video, mono float32 at `rate` Hz, cut to [start, end) seconds (empty if it has none)."""
+    pieces = list(video_audio_stream(data, rate, start, end))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def video_audio_stream(
+    data: bytes | str | Path, rate: int = 16000, start: float = 0.0, end: float | None = None
+) -> Iterator[np.ndarray]:
+    """video_audio, one decoded block at a time (nothing if the video has no audio track)."""
+    raw = read_bytes(data)
+    with _open_video(raw) as c:
+        has_audio = bool(c.streams.audio)
+    if has_audio:
+        yield from _audio_track_stream(raw, rate, start, end)
+
+
+def _audio_track_stream(raw: bytes, rate: int, start: float, end: float | None) -> Iterator[np.ndarray]:
+    """Samples [start * rate, end * rate) of a container's first audio stream, resampled to mono `rate` Hz."""
     import av
 
     try:
         c = av.open(io.BytesIO(raw), mode="r")
     except (av.error.FFmpegError, ValueError) as e:  # type: ignore[attr-defined]
         raise MediaError(f"the audio does not decode ({e})") from None
+    lo, hi = int(start * rate), None if end is None else int(end * rate)
+    at = 0  # samples produced so far
     with c:
         if not c.streams.audio:
             raise MediaError("the file has no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        pieces = []
-        for frame in c.decode(c.streams.audio[0]):
-            for out in resampler.resample(frame):
-                pieces.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            pieces.append(out.to_ndarray().reshape(-1))
-    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
 
+        def frames():
+            for frame in c.decode(c.streams.audio[0]):
+                yield from resampler.resample(frame)
+            yield from resampler.resample(None)
 
-def video_audio(
-    data: bytes | str | Path, rate: int = 16000, start: float = 0.0, end: float | None = None
-) -> np.ndarray:
-    """The audio track of a video, mono float32 at `rate` Hz, cut to [start, end) seconds (empty if it has none)."""
-    raw = read_bytes(data)
-    with _open_video(raw) as c:
-        has_audio = bool(c.streams.audio)
-    if not has_audio:
-        return np.zeros(0, np.float32)
-    wave = _audio_track(raw, rate)
-    lo = int(start * rate)
-    hi = len(wave) if end is None else int(end * rate)
-    return wave[lo:hi]
+        for out in frames():
+            x = out.to_ndarray().reshape(-1).astype(np.float32)
+            a, b = max(lo - at, 0), len(x) if hi is None else min(len(x), hi - at)
+            at += len(x)
+            if b > a:
+                yield x[a:b]
+            if hi is not None and at >= hi:
+                break
 
 
 def check(mime_type: str, data: bytes) -> None:

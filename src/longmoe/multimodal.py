@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,15 +212,82 @@ def mel_filters(n_fft: int, n_mels: int, rate: int) -> np.ndarray:
 def log_mel(wave: np.ndarray, spec: MediaSpec) -> torch.Tensor:
     """Mono float32 samples at spec.sampling_rate -> [num_mel_bins, samples // hop] features, as
     WhisperFeatureExtractor computes them for one clip (no padding to 30 s)."""
-    if len(wave) < spec.hop_length:
-        raise MediaError(f"an audio clip of {len(wave)} samples; it needs at least {spec.hop_length} (10 ms)")
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
-    stft = torch.stft(x, spec.n_fft, spec.hop_length, window=torch.hann_window(spec.n_fft), return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # [freq, frames]
-    bank = torch.from_numpy(mel_filters(spec.n_fft, spec.num_mel_bins, spec.sampling_rate)).float()
-    logspec = torch.clamp(bank.T @ power, min=1e-10).log10()
-    logspec = torch.maximum(logspec, logspec.max() - 8.0)
-    return (logspec + 4.0) / 4.0
+    frames, segments = audio_features(lambda: iter([wave]), spec, segment=1 << 62)
+    return torch.cat(list(segments), dim=1)
+
+
+def log_mel_stream(blocks: Iterable[np.ndarray], spec: MediaSpec) -> Iterator[torch.Tensor]:
+    """log10 of the mel power [num_mel_bins, k] of consecutive frames of a stream of samples -- the frames
+    torch.stft(center=True, pad_mode="reflect") makes of the whole signal, less the last one (as Whisper drops it) --
+    block by block, before Whisper's dynamic-range clamp. Memory is one block, whatever the length."""
+    n_fft, hop, half = spec.n_fft, spec.hop_length, spec.n_fft // 2
+    window = torch.hann_window(n_fft)
+    bank = torch.from_numpy(mel_filters(n_fft, spec.num_mel_bins, spec.sampling_rate)).float().T  # [mel, freq]
+    buf = np.zeros(0, np.float32)  # the padded signal P from P-index `base` on; P = reflect pad + x + reflect pad
+    base, seen, emitted, started = 0, 0, 0, False
+
+    def frames(upto: int) -> torch.Tensor | None:
+        nonlocal buf, emitted
+        if upto <= emitted:
+            return None
+        lo = emitted * hop - base
+        piece = torch.from_numpy(buf[lo : lo + (upto - emitted - 1) * hop + n_fft])
+        stft = torch.stft(piece, n_fft, hop, window=window, center=False, return_complex=True)  # [freq, k]
+        emitted = upto
+        return torch.clamp(bank @ (stft.abs() ** 2), min=1e-10).log10()
+
+    def trim() -> None:
+        nonlocal buf, base
+        drop = emitted * hop - base
+        buf, base = buf[drop:], base + drop
+
+    for block in blocks:
+        block = np.asarray(block, np.float32)
+        seen += len(block)
+        buf = np.concatenate([buf, block])
+        if not started:
+            if len(buf) <= half:
+                continue  # the left reflection needs half + 1 samples
+            buf = np.concatenate([buf[1 : half + 1][::-1], buf])
+            started = True
+        out = frames((base + len(buf) - n_fft) // hop + 1)
+        if out is not None:
+            yield out
+            trim()
+    if seen <= half:
+        ms = half / spec.sampling_rate * 1e3
+        raise MediaError(f"an audio clip of {seen} samples; it needs more than {half} ({ms:.1f} ms)")
+    x_tail = buf[-(half + 1) :]  # the last half + 1 samples of x: the right reflection
+    buf = np.concatenate([buf, x_tail[:-1][::-1]])
+    out = frames(seen // hop)
+    if out is not None:
+        yield out
+
+
+def audio_features(
+    blocks: Callable[[], Iterable[np.ndarray]], spec: MediaSpec, segment: int
+) -> tuple[int, Iterator[torch.Tensor]]:
+    """Whisper features of a stream in segments of `segment` frames: (total frames, the segments [mel, <= segment]).
+    The dynamic-range clamp needs the whole clip's maximum, so the stream is decoded twice (`blocks` makes a new
+    iterator): once for the maximum, once for the features."""
+    peak, total = -float("inf"), 0
+    for logspec in log_mel_stream(blocks(), spec):
+        peak, total = max(peak, float(logspec.max())), total + logspec.shape[1]
+
+    def segments() -> Iterator[torch.Tensor]:
+        pending: list[torch.Tensor] = []
+        have = 0
+        for logspec in log_mel_stream(blocks(), spec):
+            pending.append((torch.maximum(logspec, torch.tensor(peak - 8.0)) + 4.0) / 4.0)
+            have += logspec.shape[1]
+            while have >= segment:
+                x = torch.cat(pending, dim=1)
+                yield x[:, :segment]
+                pending, have = [x[:, segment:]], have - segment
+        if have:
+            yield torch.cat(pending, dim=1)
+
+    return total, segments()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,13 +296,14 @@ def log_mel(wave: np.ndarray, spec: MediaSpec) -> torch.Tensor:
 
 @dataclass
 class MediaPart:
-    """One decoded media part: its kind, content hash, and what the encoders need."""
+    """One media part, checked and ready to stream through the encoders: an image's patch rows, or makers of fresh
+    iterators over a video's temporal patches and over audio samples (so that nothing holds a whole file decoded)."""
 
     kind: str  # image | video | audio
     digest: bytes
-    pixels: list[np.ndarray] = field(default_factory=list)  # image/video patch rows, one array per temporal patch
-    grids: list[tuple[int, int, int]] = field(default_factory=list)
-    features: torch.Tensor | None = None  # audio (or a video's audio track): [mel, frames]
+    image: tuple[np.ndarray, tuple[int, int, int]] | None = None  # patch rows [N, 1536] and grid
+    patches: Callable[[], Iterator[tuple[np.ndarray, tuple[int, int, int]]]] | None = None  # video, per 2 frames
+    audio: Callable[[], Iterator[np.ndarray]] | None = None  # 16 kHz mono samples: an audio part or a video's track
     seconds_per_grid: float = 0.0  # video: seconds one temporal patch spans
 
 
@@ -280,20 +348,19 @@ def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, wher
         raw = data if not isinstance(data, (bytes, bytearray)) else bytes(data)
         digest_src = raw if isinstance(raw, bytes) else _image_bytes(raw)
         out = MediaPart(kind, M.digest(kind.encode() + digest_src))
+        rate = spec.sampling_rate
         if kind == "image":
-            rows, grid = image_patches(raw, spec)
-            out.pixels, out.grids = [rows], [grid]
+            out.image = image_patches(raw, spec)
         elif kind == "audio":
-            out.features = log_mel(M.load_audio(raw, spec.sampling_rate), spec)
+            next(iter(M.audio_stream(raw, rate, block_seconds=0.1)), None)  # decodes: fail here, naming the part
+            out.audio = lambda: M.audio_stream(raw, rate)
         else:
             fps = float(opts.get("fps") or video_fps or spec.video_fps)
-            for rows, grid in video_patches((f for _, f in M.video_frames(raw, fps, start, end)), spec):
-                out.pixels.append(rows)
-                out.grids.append(grid)
+            info = M.video_info(raw)
+            out.patches = lambda: video_patches((f for _, f in M.video_frames(raw, fps, start, end)), spec)
+            if info.has_audio:
+                out.audio = lambda: M.video_audio_stream(raw, rate, start, end)
             out.seconds_per_grid = spec.temporal_patch_size / fps
-            track = M.video_audio(raw, spec.sampling_rate, start, end)
-            if len(track) >= spec.hop_length:
-                out.features = log_mel(track, spec)
             out.digest = M.digest(out.digest + repr((fps, start, end)).encode())
     except MediaError as e:
         raise MediaError(f"{where} ({mime}): {e}") from None
@@ -363,8 +430,10 @@ class Builder:
         if enc is None or s is None:
             raise MediaError("this model has no media encoders; it reads text only")
         if part.kind == "audio":
+            feats = self._audio(part)
+            if feats is None:
+                raise MediaError("the audio has no samples")
             self.text([s.audio_start])
-            feats = enc.audio_tower(part.features.to(self.dtype))  # [n, C]
             n = feats.shape[0]
             self._add([s.audio_token] * n, torch.arange(n, dtype=torch.float32).expand(3, -1) + self.next, "audio",
                       part.digest)  # fmt: skip
@@ -372,28 +441,36 @@ class Builder:
             self.text([s.audio_end])
             return
         pad = s.image_token if part.kind == "image" else s.video_token
-        feats, deep = self._vision(part)  # [n, C], per DeepStack layer [n, C]
+        feats, deep, grids = self._vision(part)  # [n, C], per DeepStack layer [n, C], (t, h, w) per temporal patch
         m = s.merge_size
-        per_grid = [(t, gh // m, gw // m) for t, gh, gw in part.grids]
         if part.kind == "image":
             t_pos = torch.zeros(1)
         else:
-            t_pos = torch.arange(len(per_grid), dtype=torch.float32) * part.seconds_per_grid * s.position_id_per_seconds
-        vis = torch.cat([_grid_positions(t_pos[i : i + 1], h, w) for i, (_, h, w) in enumerate(per_grid)], dim=1)
-        with_audio = part.kind == "video" and part.features is not None
-        self.text([s.vision_start] + ([s.audio_start] if with_audio else []))
+            t_pos = torch.arange(len(grids), dtype=torch.float32) * part.seconds_per_grid * s.position_id_per_seconds
+        vis = torch.cat([_grid_positions(t_pos[i : i + 1], gh // m, gw // m) for i, (_, gh, gw) in enumerate(grids)],
+                        dim=1)  # fmt: skip
+        audio = self._audio(part) if part.kind == "video" else None
+        self.text([s.vision_start] + ([s.audio_start] if audio is not None else []))
         vis = vis + self.next
-        if not with_audio:
+        if audio is None:
             self._add([pad] * vis.shape[1], vis, part.kind, part.digest)
             self.embeds.append(feats)
             self.visual_at.append(self.embed_at[-1])
             self.deepstack.append(deep)
         else:
-            audio = enc.audio_tower(part.features.to(self.dtype))
             aud = torch.arange(audio.shape[0], dtype=torch.float32).expand(3, -1) + self.next
             self._interleave(vis, aud, feats, deep, audio, part.digest)
-        end = [s.audio_end, s.vision_end] if with_audio else [s.vision_end]
-        self.text(end)
+        self.text([s.audio_end, s.vision_end] if audio is not None else [s.vision_end])
+
+    def _audio(self, part: MediaPart) -> torch.Tensor | None:
+        """Encode audio one attention window (8 s) at a time: exact, since attention never crosses a window."""
+        if part.audio is None:
+            return None
+        tower = self.encoders.audio_tower
+        total, segments = audio_features(part.audio, self.spec, tower.config.n_window_infer)
+        if total == 0:
+            return None
+        return torch.cat([tower(seg.to(self.dtype), clip_frames=total) for seg in segments])
 
     def _interleave(self, vis, aud, vfeats, deep, afeats, digest: bytes) -> None:
         """A video's frames and audio track in one block, merged by time (a frame's tokens before audio tokens of
@@ -425,14 +502,17 @@ class Builder:
         self.visual_at.append(at_v)
         self.deepstack.append(deep)
 
-    def _vision(self, part: MediaPart) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _vision(self, part: MediaPart) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int, int]]]:
         """Encode one temporal patch at a time (attention never crosses one), so long videos stay in bounded memory."""
-        feats, deep = [], []
-        for rows, grid in zip(part.pixels, part.grids):
+        feats, deep, grids = [], [], []
+        for rows, grid in [part.image] if part.image is not None else part.patches():
             f, d = self.encoders.visual(torch.from_numpy(rows).to(self.dtype), [grid])
             feats.append(f)
             deep.append(d)
-        return torch.cat(feats), [torch.cat(layer) for layer in zip(*deep)]
+            grids.append(grid)
+        if not feats:
+            raise MediaError("the video has no frames in the clip asked for")
+        return torch.cat(feats), [torch.cat(layer) for layer in zip(*deep)], grids
 
     def build(self) -> Prompt:
         if not self.tokens:

@@ -242,11 +242,14 @@ class AudioEncoder(nn.Module):
         self.proj2 = nn.Linear(c.d_model, c.output_dim)
         self.register_buffer("positions", sinusoids(c.max_source_positions, c.d_model), persistent=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, clip_frames: int | None = None) -> torch.Tensor:
+        """features [mel, frames]: a whole clip, or one n_window_infer-frame segment of a longer clip of
+        `clip_frames` frames (attention windows never cross segments: a clip encoded segment by segment is exact)."""
         c = self.config
         frames = features.shape[1]
         if frames == 0:
             raise ValueError("an audio clip with no mel frames")
+        clip_frames = frames if clip_frames is None else clip_frames
         chunk = 2 * c.n_window
         x = []
         # Each 1 s chunk is convolved on its own and gets positions 0, 1, ... from the sinusoid table: chunks are
@@ -254,7 +257,7 @@ class AudioEncoder(nn.Module):
         # all chunks to the longest (the padding reaches the last token through the convolutions' bias and GELU).
         for piece in features.split(chunk, dim=1):  # [mel, <= chunk]
             n = audio_output_length(piece.shape[1], c.n_window)
-            if frames > chunk:
+            if clip_frames > chunk:
                 piece = F.pad(piece, (0, chunk - piece.shape[1]))
             h = piece[None, None].to(self.conv2d1.weight.dtype)  # [1, 1, mel, t]
             h = F.gelu(self.conv2d3(F.gelu(self.conv2d2(F.gelu(self.conv2d1(h))))))  # [1, ch, mel/8, t/8]

@@ -14,10 +14,11 @@ from .checkpoint import Checkpoint, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .engine.engine import Engine, SamplingParams, Sequence, check_options
+from .engine.planner import MemoryPlanError
 from .media import MediaError
 from .model import ModelConfig, Transformer
-from .multimodal import Builder, MediaSpec, Prompt, decode_part, is_parts, media_spec
-from .sysinfo import cpu_name
+from .multimodal import Builder, MediaPart, MediaSpec, Prompt, decode_part, is_parts, media_memory, media_spec
+from .sysinfo import available_memory, cpu_name, fmt_gib
 from .tokenizer import Tokenizer
 
 
@@ -107,15 +108,39 @@ class Model:
         spec = self.media if any(not isinstance(p, str) for p in parts) else None
         b = Builder(spec, self.checkpoint.encoders, self.module.embed_tokens.weight.dtype)
         with torch.inference_mode():
-            for i, part in enumerate(parts):
+            decoded = [p if isinstance(p, str) else decode_part(p, spec, video_fps, where=_where(p, i))
+                       for i, p in enumerate(parts)]  # fmt: skip
+            if spec is not None:
+                self._check_media_memory(decoded, video_fps)
+            for i, part in enumerate(decoded):
                 if isinstance(part, str):
                     # special tokens (a BOS) only where a plain-text prompt would have them: at the start
                     add = special_tokens and i == 0
                     b.text(self.encode(part) if add else self.tokenizer.encode(part, add_special_tokens=False))
                 else:
-                    where = part.get("where", f"part {i}") if isinstance(part, dict) else f"part {i}"
-                    b.media(decode_part(part, spec, video_fps, where=where))
+                    try:
+                        b.media(part)
+                    except MediaError as e:
+                        raise MediaError(f"{_where(parts[i], i)}: {e}") from None
             return b.build()
+
+    def media_memory(self, parts: list[MediaPart], video_fps: float | None = None) -> dict[str, int]:
+        """Peak bytes that preparing these decoded parts takes (longmoe.multimodal.media_memory), by kind."""
+        dtype = self.module.embed_tokens.weight.dtype
+        plans = [media_memory(p, self.media, self.checkpoint.encoders, dtype, video_fps) for p in parts]
+        return {
+            "file": sum(p["file"] for p in plans),
+            "decode": max((p["decode"] for p in plans), default=0),
+            "encoder": max((p["encoder"] for p in plans), default=0),
+            "embeddings": sum(p["embeddings"] for p in plans),
+        }
+
+    def _check_media_memory(self, decoded: list[Any], video_fps: float | None) -> None:
+        need = sum(self.media_memory([p for p in decoded if isinstance(p, MediaPart)], video_fps).values())
+        free = available_memory(str(self.module.embed_tokens.weight.device))
+        if need > free:
+            raise MemoryPlanError(f"the prompt's media need ~{fmt_gib(need)} to decode and encode, {fmt_gib(free)} "
+                                  "is free; send shorter clips, a lower video fps, or free memory")  # fmt: skip
 
     def submit(self, prompt: str | list[int] | list[Any], video_fps: float | None = None, **params: Any) -> Sequence:
         """Queue a request on the engine (see SamplingParams for the options) and return its sequence."""
@@ -247,6 +272,10 @@ class TextStream:
         finally:
             if not seq.finished:  # left early, or interrupted: end it and free its KV
                 engine.abandon(seq)
+
+
+def _where(part: Any, i: int) -> str:
+    return part.get("where", f"part {i}") if isinstance(part, dict) else f"part {i}"
 
 
 BUNDLED = Path(__file__).with_name("data") / "bundled"  # the model made by recipes/bundled, shipped in the package

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import types
 
 DESCRIPTION = """\
 longmoe: open sparse Mixture-of-Experts long-context transformers.
@@ -153,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--values", default="numbers", choices=["numbers", "words", "uuids"],
                    help="what {value} is filled with (default: 7-digit numbers)")
     n.add_argument("--max-tokens", type=int, default=32, metavar="N", help="answer length limit (32)")
+
+    for kind, what in (("video", "the text \"The secret word is 'X'\" on one frame of a synthetic video"),
+                       ("audio", "\"The secret keyword is X\" spoken (espeak-ng) into speech")):  # fmt: skip
+        mv = esub.add_parser(f"{kind}-niah", parents=[common], help=f"needle in a {kind} haystack (omni models)",
+                             description=f"{what} at each depth of {kind} haystacks of each length (--lengths in "
+                             "seconds, default 10,30,60); the question is asked in text. Writes results.json and "
+                             "heatmap.png. Targets: a local omni model (Qwen3-Omni-MoE) or --gemini-url.")  # fmt: skip
+        mv.add_argument("--depths", type=_float_list, default=[0, 25, 50, 75, 100], metavar="D,D,...",
+                        help="needle depths in percent of the length (default: 0,25,50,75,100)")  # fmt: skip
+        mv.add_argument("--words", metavar="W,W,...|FILE", help="candidate secret words (default: a built-in list)")
+        mv.add_argument("--max-tokens", type=int, default=16, metavar="N", help="answer length limit (16)")
+        if kind == "video":
+            mv.add_argument("--fps", type=float, default=1.0, help="frames per second, made and sampled (default: 1)")
+        else:
+            mv.add_argument("--haystack", metavar="NAME|PATH", help="the text read aloud (niah's haystacks; default: "
+                            "python-docs)")  # fmt: skip
 
     r = esub.add_parser("ruler", parents=[common], help="RULER tasks (no downloads) and the effective length",
                         description="RULER's synthetic tasks that need no downloads, scored by string_match_all; "
@@ -366,11 +383,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.targets import GeminiTarget, LocalTarget, OpenAITarget
 
     if args.eval_command is None:
-        raise ValueError("choose an evaluation: longmoe eval niah|ruler|nll --help")
+        raise ValueError("choose an evaluation: longmoe eval niah|ruler|nll|video-niah|audio-niah --help")
     from .eval.ruler import DEFAULT_LENGTHS, DEFAULT_SAMPLES
 
+    media = args.eval_command in ("video-niah", "audio-niah")
     if args.lengths is None:
-        args.lengths = list(DEFAULT_LENGTHS) if args.eval_command == "ruler" else [1000, 2000, 4000]
+        default = [10, 30, 60] if media else [1000, 2000, 4000]
+        args.lengths = list(DEFAULT_LENGTHS) if args.eval_command == "ruler" else default
     if args.samples is None:
         args.samples = DEFAULT_SAMPLES if args.eval_command == "ruler" else 1
     chosen = [x for x in (args.model, args.gemini_url, args.openai_url) if x]
@@ -389,7 +408,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             target = OpenAITarget(args.openai_url, args.api_key, args.model_name, args.tokenizer, **kw)
     else:
         target = LocalTarget(args.model)
-    module = {"niah": niah, "ruler": ruler, "nll": nll}[args.eval_command]
+    if media:
+        from .eval import media_niah
+
+        if args.eval_command == "video-niah" and not 0 < args.fps <= 24:
+            raise ValueError(f"--fps must be in (0, 24], got {args.fps}")
+        args.haystack = getattr(args, "haystack", None)
+        args.fps = getattr(args, "fps", 1.0)
+        module = types.SimpleNamespace(main=lambda t, a: media_niah.main(t, a, args.eval_command.split("-")[0]),
+                                       table=media_niah.table)  # fmt: skip
+    else:
+        module = {"niah": niah, "ruler": ruler, "nll": nll}[args.eval_command]
     try:
         summary = module.main(target, args)
     except KeyboardInterrupt:

@@ -123,6 +123,23 @@ def audio_stream(
                 yield tail
 
 
+def audio_info(data: bytes | str | Path) -> tuple[float, int, int]:
+    """(seconds, sample rate, channels) of an audio file, from its header (no decoding)."""
+    import soundfile as sf
+
+    raw = read_bytes(data)
+    try:
+        i = sf.info(io.BytesIO(raw))
+        return i.frames / i.samplerate if i.samplerate else 0.0, i.samplerate, i.channels
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        import av
+
+        with av.open(io.BytesIO(raw)) as c:
+            s = c.streams.audio[0]
+            seconds = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
+            return seconds, s.rate, s.channels
+
+
 def resample(wave: np.ndarray, sr: int, rate: int) -> np.ndarray:
     import soxr
 

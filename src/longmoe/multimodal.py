@@ -305,6 +305,10 @@ class MediaPart:
     patches: Callable[[], Iterator[tuple[np.ndarray, tuple[int, int, int]]]] | None = None  # video, per 2 frames
     audio: Callable[[], Iterator[np.ndarray]] | None = None  # 16 kHz mono samples: an audio part or a video's track
     seconds_per_grid: float = 0.0  # video: seconds one temporal patch spans
+    raw_bytes: int = 0  # the encoded file, held while the part streams
+    duration: float = 0.0  # seconds of audio or of the video clip
+    frame_size: tuple[int, int] = (0, 0)  # (h, w) a video frame is resized to
+    source_size: tuple[int, int, int] = (0, 0, 0)  # video frame (h, w, 3) or audio (rate, channels, 0) as stored
 
 
 @dataclass
@@ -349,14 +353,21 @@ def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, wher
         digest_src = raw if isinstance(raw, bytes) else _image_bytes(raw)
         out = MediaPart(kind, M.digest(kind.encode() + digest_src))
         rate = spec.sampling_rate
+        out.raw_bytes = len(raw) if isinstance(raw, bytes) else 0
         if kind == "image":
             out.image = image_patches(raw, spec)
         elif kind == "audio":
             next(iter(M.audio_stream(raw, rate, block_seconds=0.1)), None)  # decodes: fail here, naming the part
             out.audio = lambda: M.audio_stream(raw, rate)
+            out.duration, src_rate, channels = M.audio_info(raw)
+            out.source_size = (src_rate, channels, 0)
         else:
             fps = float(opts.get("fps") or video_fps or spec.video_fps)
             info = M.video_info(raw)
+            out.duration = max(0.0, (info.duration if end is None else min(end, info.duration)) - start)
+            out.source_size = (info.height, info.width, 3)
+            out.frame_size = smart_resize(info.height, info.width, spec.factor, spec.video_min_pixels,
+                                          spec.video_max_pixels)  # fmt: skip
             out.patches = lambda: video_patches((f for _, f in M.video_frames(raw, fps, start, end)), spec)
             if info.has_audio:
                 out.audio = lambda: M.video_audio_stream(raw, rate, start, end)
@@ -365,6 +376,49 @@ def decode_part(part: Any, spec: MediaSpec, video_fps: float | None = None, wher
     except MediaError as e:
         raise MediaError(f"{where} ({mime}): {e}") from None
     return out
+
+
+def media_memory(part: MediaPart, spec: MediaSpec, encoders: OmniEncoders, dtype: torch.dtype,
+                 fps: float | None = None) -> dict[str, int]:  # fmt: skip
+    """What preparing a media part holds at its peak, in bytes, before any of it is decoded: the encoded file, the
+    decode working set (one frame pair / one block of samples), the encoder's activations for one temporal patch or
+    one attention window, and the embeddings it yields (with DeepStack's copies for visual tokens), counted three times
+    over for the concatenation and ordering at the end. Generous by design, like the engine's chunk estimate."""
+    item, f32 = dtype.itemsize, 4
+    vc, ac = encoders.visual.config, encoders.audio_tower.config
+    out_width = vc.out_hidden_size
+    decode = encoder = tokens = 0
+    if part.kind in ("image", "video"):
+        if part.image is not None:
+            rows, (t, gh, gw) = part.image
+            grids, decode = 1, rows.nbytes * 3
+        else:
+            h, w = part.frame_size
+            gh, gw = h // spec.patch_size, w // spec.patch_size
+            rate = fps or (spec.temporal_patch_size / part.seconds_per_grid)
+            grids = max(1, math.ceil(part.duration * rate / spec.temporal_patch_size) + 1)
+            src = math.prod(part.source_size)
+            decode = 4 * src + spec.temporal_patch_size * 3 * h * w * f32 * 4  # frames, resized, stacked, patch rows
+        n = gh * gw
+        per_patch = (12 * vc.hidden_size + 3 * vc.intermediate_size + 2 * vc.patch_dim) * f32
+        encoder = 2 * (n * per_patch + vc.num_heads * n * n * f32 * 2)
+        tokens = grids * n // spec.merge_size**2
+        embed = tokens * out_width * item * (1 + len(vc.deepstack_visual_indexes))
+    else:
+        embed = 0
+    if part.audio is not None:
+        frames = int(part.duration * spec.sampling_rate) // spec.hop_length + 1
+        atokens = audio_output_length(frames, spec.n_window)
+        src_rate, channels, _ = part.source_size if part.kind == "audio" else (48000, 2, 0)
+        block = 30 * max(src_rate, spec.sampling_rate) * max(channels, 1) * f32
+        stft = (spec.n_fft // 2 + 1) * 30 * (spec.sampling_rate // spec.hop_length) * (8 + 2 * f32)
+        decode = max(decode, 6 * block + stft)
+        window = ac.n_window_infer
+        conv = ac.downsample_hidden_size * (ac.num_mel_bins // 2) * (window // 2) * f32 * 3
+        layer = 104 * (12 * ac.d_model + 3 * ac.encoder_ffn_dim) * f32 + ac.encoder_attention_heads * 104 * 104 * f32
+        encoder = max(encoder, 2 * (conv + layer))
+        embed += atokens * ac.output_dim * item
+    return {"file": part.raw_bytes, "decode": decode, "encoder": encoder, "embeddings": 3 * embed}
 
 
 def _mime_and_data(part: Any, where: str) -> tuple[str, Any]:

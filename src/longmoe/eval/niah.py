@@ -196,7 +196,7 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def heatmap(rows: list[dict], path: Path, title: str) -> None:
+def heatmap(rows: list[dict], path: Path, title: str, xlabel: str = "context length (tokens)", short=None) -> None:
     """Green = found, red = missed, grey = API error; x = context length, y = needle depth (as in the report)."""
     import matplotlib
 
@@ -216,12 +216,12 @@ def heatmap(rows: list[dict], path: Path, title: str) -> None:
             ax.add_patch(plt.Rectangle((i, j), 1, 1, facecolor=color, edgecolor="white", linewidth=1))
     ax.set_xlim(0, len(lengths))
     ax.set_ylim(len(depths), 0)  # depth 0 (start of the context) at the top
-    ax.set_xticks([i + 0.5 for i in range(len(lengths))], [_short(n) for n in lengths], rotation=45 if
+    ax.set_xticks([i + 0.5 for i in range(len(lengths))], [(short or _short)(n) for n in lengths], rotation=45 if
                   len(lengths) > 8 else 0)  # fmt: skip
     actual = summarize(rows)["actual_depth_per_depth"]  # requested depth (mean actual, in tokens)
     ax.set_yticks([j + 0.5 for j in range(len(depths))],
                   [f"{d:g}% ({actual[f'{d:g}']:.0f}%)" if f"{d:g}" in actual else f"{d:g}%" for d in depths])
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("needle depth: requested (actual), % of context")
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#1a9850", "#d7301f", "#bdbdbd")]

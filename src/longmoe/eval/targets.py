@@ -5,6 +5,7 @@ error (grey), never as a miss."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -13,8 +14,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..engine.engine import SamplingParams
 from ..errors import LongmoeError
 
 TRANSIENT = {408, 429, 500, 502, 503, 504}
@@ -26,6 +28,7 @@ class TargetError(LongmoeError, RuntimeError):
 
 class Target(Protocol):
     name: str
+    reads_media: bool  # takes prompts that are lists of parts (text and media dicts), not only text
     identity: dict  # what results are credited to: a model directory and its content, or an endpoint and model
     concurrency: int
 
@@ -68,14 +71,31 @@ class LocalTarget:
             raise TargetError(f"{path} has no tokenizer.json; text evaluations need one")
         self.name = str(path)
         self.identity = {"kind": "local", "path": str(Path(path).resolve()), "content": model_fingerprint(Path(path))}
+        self.reads_media = self.model.checkpoint.encoders is not None
         self._lock = threading.Lock()
+        self._prepared: tuple[int, Any] | None = None  # (id of a parts list, its Prompt): encoded once per cell
 
-    def count_tokens(self, text: str) -> int:
-        return self.model.count_tokens(text)
+    def _prompt(self, prompt: str | list[Any]) -> Any:
+        if isinstance(prompt, str):
+            return prompt
+        if self._prepared is None or self._prepared[0] != id(prompt):
+            self._prepared = (id(prompt), self.model.prepare(prompt))
+        return self._prepared[1]
 
-    def generate(self, prompt: str, max_tokens: int) -> str:
+    def count_tokens(self, text: str | list[Any]) -> int:
         with self._lock:
-            return self.model.generate(prompt, max_new_tokens=max_tokens).text
+            p = self._prompt(text)
+            return self.model.count_tokens(p) if isinstance(p, str) else len(p.tokens)
+
+    def generate(self, prompt: str | list[Any], max_tokens: int) -> str:
+        with self._lock:
+            p = self._prompt(prompt)
+            if isinstance(p, str):
+                return self.model.generate(p, max_new_tokens=max_tokens).text
+            seq = self.model.engine.submit(p.tokens, SamplingParams(max_new_tokens=max_tokens), media=p)
+            self.model.engine.run(seq)
+            seq.raise_error()
+            return seq.text
 
     def check_length(self, tokens: int) -> None:
         """Refuse, before any work, lengths (prompt + answer) beyond what the model accepts."""
@@ -97,6 +117,7 @@ class HttpTarget:
             raise TargetError(f"--concurrency must be >= 1 and --retries >= 0, got {concurrency} and {retries}")
         self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff
         self.name = f"{self.url} ({model_name})"
+        self.reads_media = False
         self.identity = {"kind": type(self).__name__, "url": self.url, "model": model_name}
         self.calls = 0  # HTTP requests sent, retries included
 
@@ -131,7 +152,27 @@ class HttpTarget:
 
 
 class GeminiTarget(HttpTarget):
-    """POST {url}/v1beta/models/{m}:generateContent and :countTokens, key in x-goog-api-key."""
+    """POST {url}/v1beta/models/{m}:generateContent and :countTokens, key in x-goog-api-key; media as inlineData."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.reads_media = True
+
+    @staticmethod
+    def parts(prompt: str | list[Any]) -> list[dict[str, Any]]:
+        if isinstance(prompt, str):
+            return [{"text": prompt}]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append({"text": p})
+            else:
+                part: dict[str, Any] = {"inlineData": {"mimeType": p["mime_type"],
+                                                       "data": base64.b64encode(p["data"]).decode()}}  # fmt: skip
+                if p.get("fps"):
+                    part["videoMetadata"] = {"fps": p["fps"]}
+                out.append(part)
+        return out
 
     def headers(self) -> dict[str, str]:
         h = super().headers()
@@ -144,7 +185,7 @@ class GeminiTarget(HttpTarget):
         return f"{self.url}/v1beta/{name}:{method}"
 
     def count_tokens(self, text: str) -> int:
-        out = self.post(self._model_url("countTokens"), {"contents": [{"role": "user", "parts": [{"text": text}]}]})
+        out = self.post(self._model_url("countTokens"), {"contents": [{"role": "user", "parts": self.parts(text)}]})
         n = out.get("totalTokens")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TargetError(f"countTokens answered without a token count (totalTokens = {n!r}): {str(out)[:200]}")
@@ -152,7 +193,7 @@ class GeminiTarget(HttpTarget):
 
     def generate(self, prompt: str, max_tokens: int) -> str:
         body = {
-            "contents": [{"role": "user", "parts": [{"text": prompt}]}],
+            "contents": [{"role": "user", "parts": self.parts(prompt)}],
             "generationConfig": {"temperature": 0.0, "maxOutputTokens": max_tokens},
         }
         out = self.post(self._model_url("generateContent"), body)

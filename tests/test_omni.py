@@ -304,12 +304,14 @@ def test_gemini_api_inline_media_equals_the_python_api(omni, media, gclient):
 
     path, _ = omni
     local = longmoe.load(path, dtype="float32")
-    parts = ["Look: ", media["image"], " and listen: ", media["audio"], " What?"]
+    parts = ["Look: ", media["image"], " and listen: ", media["audio"], " and watch: ", media["video_av"], " What?"]
     want = local.generate(parts, max_new_tokens=6)
     contents = [types.Part.from_text(text="Look: "),
                 types.Part.from_bytes(data=media["image"]["data"], mime_type="image/png"),
                 types.Part.from_text(text=" and listen: "),
                 types.Part.from_bytes(data=media["audio"]["data"], mime_type="audio/wav"),
+                types.Part.from_text(text=" and watch: "),
+                types.Part.from_bytes(data=media["video_av"]["data"], mime_type="video/mp4"),
                 types.Part.from_text(text=" What?")]  # fmt: skip
     got = gclient.models.generate_content(model="omni", contents=contents, config=_config())
     assert got.text == want.text
@@ -334,6 +336,14 @@ def test_gemini_api_uploaded_video_with_metadata_and_cache(omni, media, gclient,
 
     path, _ = omni
     local = longmoe.load(path, dtype="float32")
+    for kind, mime in (("image", "image/png"), ("audio", "audio/wav")):  # uploaded image and audio files
+        up = gclient.files.upload(file=io.BytesIO(media[kind]["data"]), config=types.UploadFileConfig(mime_type=mime))
+        up = wait_until(lambda u=up: (g := gclient.files.get(name=u.name)).state.name == "ACTIVE" and g, what=kind)
+        ask = types.Content(role="user", parts=[types.Part(file_data=types.FileData(file_uri=up.uri, mime_type=mime)),
+                                                types.Part.from_text(text=" What?")])  # fmt: skip
+        answer = gclient.models.generate_content(model="omni", contents=ask, config=_config())
+        assert answer.text == local.generate([media[kind], " What?"], max_new_tokens=6).text
+        assert [d.modality.name for d in answer.usage_metadata.prompt_tokens_details] == ["TEXT", kind.upper()]
     f = gclient.files.upload(file=io.BytesIO(media["video_av"]["data"]), config=types.UploadFileConfig(
         mime_type="video/mp4"))  # fmt: skip
     assert f.state.name in ("PROCESSING", "ACTIVE")

@@ -61,7 +61,7 @@ CASES = [
     ("bad base64", "POST", f"{G}:generateContent",
      {"json": text_part({"inlineData": {"mimeType": "text/plain", "data": "%%%not base64%%%"}})}, 400,
      "INVALID_ARGUMENT", "base64"),
-    ("an image (not supported yet)", "POST", f"{G}:generateContent",
+    ("an image for a text-only model", "POST", f"{G}:generateContent",
      {"json": text_part({"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}})}, 400,
      "INVALID_ARGUMENT", "contents[0].parts[0].inlineData"),
     ("inline text that is not UTF-8", "POST", f"{G}:generateContent",

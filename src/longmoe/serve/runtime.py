@@ -118,6 +118,10 @@ class ServedModel:
     def with_media(self, text: str, media: dict[str, dict[str, Any]]) -> Prompt:
         """Rendered text with media markers -> parts -> a Prompt (media decoded and encoded); a 400 naming the part
         when one cannot be used."""
+        if self.model.checkpoint.encoders is None:
+            first = next(iter(media.values()))
+            raise invalid(f"{first['where']} is {first['mime_type']}, but models/{self.name} reads text only; serve an "
+                          "omni model (Qwen3-Omni-MoE) for images, audio and video")  # fmt: skip
         pieces = MARKER.split(text)
         parts = [media[p] if i % 2 else p for i, p in enumerate(pieces) if i % 2 or p]
         try:

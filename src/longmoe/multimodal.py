@@ -566,7 +566,7 @@ class Builder:
             grids.append(grid)
         if not feats:
             raise MediaError("the video has no frames in the clip asked for")
-        return torch.cat(feats), [torch.cat(layer) for layer in zip(*deep)], grids
+        return _cat(feats), _cat_layers(deep), grids
 
     def build(self) -> Prompt:
         if not self.tokens:
@@ -574,18 +574,44 @@ class Builder:
         pos = torch.cat(self.positions, dim=1)
         p = Prompt(self.tokens, self.counts)
         if self.embed_at:
-            index = torch.cat(self.embed_at)
-            order = torch.argsort(index)
-            p.embed_index, p.embeds = index[order], torch.cat(self.embeds)[order]
+            p.embed_index, order = _ascending(torch.cat(self.embed_at))
+            p.embeds = _cat(self.embeds)
+            if order is not None:  # a video's frames and audio interleave: rows in position order
+                p.embeds = p.embeds[order]
             if self.visual_at:
-                v = torch.cat(self.visual_at)
-                vo = torch.argsort(v)
-                p.visual_index = v[vo]
-                p.deepstack = [torch.cat(layer)[vo] for layer in zip(*self.deepstack)]
+                p.visual_index, vo = _ascending(torch.cat(self.visual_at))
+                p.deepstack = [d if vo is None else d[vo] for d in _cat_layers(self.deepstack)]
             p.rope_positions = pos
             p.rope_delta = float(pos.max()) + 1.0 - len(self.tokens)
             p.hash_ids = self.hash_ids
         return p
+
+
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat that empties the list as it goes: the pieces are freed as soon as the whole exists (an hour of
+    video's embeddings are then held twice at most, not three times)."""
+    out = torch.cat(pieces)
+    pieces.clear()
+    return out
+
+
+def _cat_layers(per_piece: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-piece lists of per-layer tensors -> one tensor per layer, freeing each layer's pieces once it is joined."""
+    layers = []
+    for k in range(len(per_piece[0]) if per_piece else 0):
+        layers.append(torch.cat([p[k] for p in per_piece]))
+        for p in per_piece:
+            p[k] = None
+    per_piece.clear()
+    return layers
+
+
+def _ascending(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(index sorted, the order that sorts it), or (index, None) when it is already ascending."""
+    if index.numel() < 2 or bool((index[1:] > index[:-1]).all()):
+        return index, None
+    order = torch.argsort(index)
+    return index[order], order
 
 
 def _grid_positions(t: torch.Tensor, h: int, w: int) -> torch.Tensor:

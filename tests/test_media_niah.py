@@ -115,7 +115,7 @@ def test_oracle_scores_1_and_blind_0_over_http(stub, tmp_path, kind):
     assert depths[0] == 0 and 0.4 < depths[50] < 0.6 and depths[100] > 0.95
 
 
-def test_video_niah_runs_against_a_local_omni_model(tmp_path):
+def test_video_and_audio_niah_run_against_a_local_omni_model(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import omni_reference
 
@@ -130,3 +130,8 @@ def test_video_niah_runs_against_a_local_omni_model(tmp_path):
     again = run_eval("video-niah", "--model", str(tmp_path / "omni"), "--lengths", "4", "--depths", "50", "--words",
                      "other,list", "--out", str(tmp_path / "run"), "--quiet")  # fmt: skip
     assert again.returncode == 2 and "different run" in again.stderr  # never credited to another setting
+    if shutil.which("espeak-ng") is not None:
+        audio = run_eval("audio-niah", "--model", str(tmp_path / "omni"), "--lengths", "6", "--depths", "50",
+                         "--words", WORDS, "--out", str(tmp_path / "audio"), "--json", "--quiet")  # fmt: skip
+        assert audio.returncode == 0, audio.stderr[-2000:]
+        assert json.loads(audio.stdout)["trials"] == 1

@@ -190,9 +190,20 @@ def test_prompt_layout_logits_and_greedy_match_transformers(omni, media, case):
     assert torch.allclose(torch.tensor(seq.prompt_logprobs), want, atol=1e-4), (
         (torch.tensor(seq.prompt_logprobs) - want).abs().max()
     )
+    # the logits themselves, from the model run on the prompt's inputs (embeddings placed, M-RoPE, DeepStack)
+    with torch.no_grad():
+        x = m.module.embed_tokens(torch.tensor([ids]))
+        x[0, prompt.embed_index] = prompt.embeds
+        deep = []
+        for feats in prompt.deepstack:
+            deep.append(torch.zeros_like(x))
+            deep[-1][0, prompt.visual_index] = feats
+        logits = m.module(input_embeds=x, rope_positions=prompt.rope_positions[:, None], deepstack=deep).logits[0]
+    assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
     out = m.generate(parts, max_new_tokens=6, video_fps=FPS)
     assert out.token_ids == ref_greedy(ref, ids, kw, 6)
     assert out.usage.prompt_tokens == len(ids)
+    assert "".join(m.stream(parts, max_new_tokens=6, video_fps=FPS)) == out.text
 
 
 def test_chunked_prefill_splitting_media_equals_one_shot(omni, media):

@@ -619,7 +619,3 @@ def _grid_positions(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     rows = torch.arange(h, dtype=torch.float32).view(-1, 1).expand(h, w).flatten()
     cols = torch.arange(w, dtype=torch.float32).view(1, -1).expand(h, w).flatten()
     return torch.stack([t.expand(h * w), rows, cols])
-
-
-def audio_tokens(frames: int, spec: MediaSpec) -> int:
-    return audio_output_length(frames, spec.n_window)

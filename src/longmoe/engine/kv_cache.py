@@ -114,6 +114,7 @@ class Row:
     length: int
     slots: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> flat slot index of each new token
     runs: list[tuple[int, int]] = field(default_factory=list)  # full-kind prefix as (first slot, tokens) runs
+    first_slot: int | None = None  # when all full-kind keys [0, start + length) sit in consecutive slots: the first
 
 
 class PagedKVCache:
@@ -173,6 +174,8 @@ class PagedKVCache:
                 r.runs = []
                 table = r.tables["full"]
                 visible = r.start + (r.length == 1)
+                n_blocks = -(-(r.start + r.length) // bs)
+                r.first_slot = table[0] * bs if table[:n_blocks] == list(range(table[0], table[0] + n_blocks)) else None
                 for p in range(0, visible, bs):  # consecutive physical blocks merge into one run
                     n = min(bs, visible - p)
                     slot = table[p // bs] * bs
@@ -224,7 +227,7 @@ class PagedKVCache:
         kind, li = self.kind_of[layer], self.index_in_kind[layer]
         shared = v is k
         bs = self.block_size
-        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        outs = []  # per row [1, H, Tq, Dv]
         for b, r in enumerate(self.rows):
             qb, kb, vb = q[b : b + 1], k[b], v[b]
             slots = r.slots[kind]
@@ -233,7 +236,15 @@ class PagedKVCache:
                 self._store(kind, li, 1, slots, vb)
             if q.shape[2] == 0:
                 continue
-            if kind == "full":
+            if kind == "full" and r.length > 1 and r.first_slot is not None and self.storage_dtype != FP8:
+                # prefill over keys in consecutive slots: the prefix and this step's keys are one view, attended in
+                # one call (bottom-right causal) instead of a causal call plus a merge per prefix span
+                keys = slice(r.first_slot, r.first_slot + r.start + r.length)
+                kk = self._load(kind, li, 0, keys)
+                vv = kk if shared else self._load(kind, li, 1, keys)
+                o, _ = attend_span(qb, kk[None], vv[None], end=r.start + r.length, scale=scale)
+                outs.append(o)
+            elif kind == "full":
                 result = None
                 if r.length > 1:  # this step's tokens, causally (queries are their tail)
                     result = attend_span(qb, kb[None], vb[None], end=r.length, scale=scale)
@@ -247,7 +258,7 @@ class PagedKVCache:
                         vv = kk if shared else self._load(kind, li, 1, slice(a, padded))
                         part = sdpa(qb, kk[None], vv[None], causal=False, scale=scale, valid=b_end - a)
                         result = part if result is None else merge(part, result)
-                out[b : b + 1] = result[0]
+                outs.append(result[0])
             else:  # local layers: the visible prefix is at most one window, gathered then attended with its mask
                 lo = self.first_needed(kind, r.start)
                 table = r.tables[kind]
@@ -257,7 +268,7 @@ class PagedKVCache:
                 kk = torch.cat([self._load(kind, li, 0, old), kb], dim=1)
                 vv = kk if shared else torch.cat([self._load(kind, li, 1, old), vb], dim=1)
                 end = r.start + r.length
-                out[b : b + 1] = attend_span(qb, kk[None], vv[None], end=end, scale=scale, window=window, chunk=chunk)[
-                    0
-                ]
-        return out
+                outs.append(attend_span(qb, kk[None], vv[None], end=end, scale=scale, window=window, chunk=chunk)[0])
+        if q.shape[2] == 0:
+            return q.new_empty(*q.shape[:3], v.shape[-1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # one row (prefill): no copy

@@ -90,40 +90,6 @@ void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int
 
 // RMSNorm of bf16 rows x [M, C] -> out [M, C]: bf16(x * rsqrt(mean(x^2) + eps)), then times the bf16 weight
 // (rounded again) when there is one; the rounding points of longmoe.model.transformer.RMSNorm.
-void rmsnorm_bf16(const uint16_t* x, int M, int C, const uint16_t* weight, float eps, uint16_t* out) {
-    for (int m = 0; m < M; m++) {
-        const uint16_t* xr = x + (long)m * C;
-        float ss = 0.0f;
-        for (int c = 0; c < C; c++) ss += from_bf16(xr[c]) * from_bf16(xr[c]);
-        float r = 1.0f / sqrtf(ss / C + eps);
-        for (int c = 0; c < C; c++) {
-            uint16_t y = to_bf16(from_bf16(xr[c]) * r);
-            out[(long)m * C + c] = weight ? to_bf16(from_bf16(weight[c]) * from_bf16(y)) : y;
-        }
-    }
-}
-
-// RoPE of bf16 x [BT, H, D] (contiguous) by fp32 cos/sin [BT, D/2] -> out, computed in fp32 and rounded once, with
-// the operation order of longmoe.model.rope.apply_rope (built with -ffp-contract=off: no fused multiply-adds).
-// Pairs are (i, i + D/2), or (2i, 2i + 1) when interleaved.
-void rope_bf16(const uint16_t* x, int BT, int H, int D, const float* cos, const float* sin, int interleaved,
-               uint16_t* out) {
-    int half = D / 2;
-    for (int t = 0; t < BT; t++)
-        for (int h = 0; h < H; h++) {
-            const uint16_t* xr = x + ((long)t * H + h) * D;
-            uint16_t* o = out + ((long)t * H + h) * D;
-            for (int i = 0; i < half; i++) {
-                int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-                float c = cos[(long)t * half + i], s = sin[(long)t * half + i];
-                float x1 = from_bf16(xr[a]), x2 = from_bf16(xr[b]);
-                float x1c = x1 * c, x2s = x2 * s, x2c = x2 * c, x1s = x1 * s;
-                o[a] = to_bf16(x1c - x2s);
-                o[b] = to_bf16(x2c + x1s);
-            }
-        }
-}
-
 // The routed experts of a few tokens (decode), in one call. Pair p sends token tok[p] to expert ex[p] with
 // weight w[p]; pairs are sorted by expert, then token. x [N, H], gate_up [E, 2I, H] (gate rows first),
 // down [E, H, I], out [N, H]: all bf16, out zeroed by the caller. Every intermediate is rounded to bf16 where
@@ -301,4 +267,179 @@ void xent_bf16(uint16_t* logits, int M, int V, long ld, const int64_t* target, i
         for (int v = V16; v < V; v++) row[v] = to_bf16(expf(from_bf16(row[v]) - lse));
         row[t] = to_bf16(expf(picked - lse) - 1.0f);
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Flash attention for prefill (many query rows), with AVX-512 BF16 dot products for both products.
+//   q [H, Tq, D], k [Hkv, S, D], v [Hkv, S, Dv]: bf16, any head / token strides (elements contiguous);
+//   query i sits at key index i + q_offset and sees keys j <= i + q_offset (and j > i + q_offset - window when
+//   window > 0); out [H, Tq, Dv] bf16 (any head / token strides), lse [H, Tq] fp32 (natural log, of scaled scores).
+//   D % 32 == 0, Dv % 64 == 0. A query that sees no key gets out = 0 and lse = -inf (so partial results over spans
+//   of keys merge through their lse).
+// K and V are first packed per kv head into the pair-interleaved layouts vdpbf16ps wants (keys in lanes for Q.K^T,
+// value columns in lanes for P.V), then threads take (head, block of FA_BQ queries) items and stream key blocks of
+// FA_BK with an online softmax: scores and probabilities are fp32, probabilities are rounded to bf16 for P.V (as
+// PyTorch's CPU flash kernel does for bf16), outputs accumulate in fp32.
+#define FA_BQ 64
+#define FA_BK 64
+
+static void pack_k(const uint16_t* k, int S, int D, long st, int Spad, uint16_t* kp) {
+    // kp[(j / 16)][d / 2][j % 16][d % 2]: for key vector jb and dim pair d2, 16 keys x 2 dims are 64 contiguous bytes
+    for (int j = 0; j < Spad; j++)
+        for (int d = 0; d < D; d++)
+            kp[((long)(j / 16) * (D / 2) + d / 2) * 32 + (j % 16) * 2 + d % 2] = j < S ? k[(long)j * st + d] : 0;
+}
+
+static void pack_v(const uint16_t* v, int S, int Dv, long st, int Spad, uint16_t* vp) {
+    // vp[j / 2][d][j % 2]: for key pair j2, the 2 x Dv values interleaved by key
+    for (int j = 0; j < Spad; j++)
+        for (int d = 0; d < Dv; d++) vp[((long)(j / 2) * Dv + d) * 2 + j % 2] = j < S ? v[(long)j * st + d] : 0;
+}
+
+static inline __m512 bcast_pair(const uint16_t* p) {  // two adjacent bf16 in every 32-bit lane
+    int32_t x;
+    memcpy(&x, p, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(x));
+}
+
+void flash_attn_bf16(const uint16_t* q, int H, int Tq, int D, long q_sh, long q_st, const uint16_t* k,
+                     const uint16_t* v, int Hkv, int S, int Dv, long k_sh, long k_st, long v_sh, long v_st,
+                     int q_offset, int window, float scale, uint16_t* out, long o_sh, long o_st, float* lse) {
+    int Spad = (S + FA_BK - 1) / FA_BK * FA_BK;
+    uint16_t* kp = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)Hkv * Spad * D);
+    uint16_t* vp = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)Hkv * Spad * Dv);
+    int rep = H / Hkv, nqb = (Tq + FA_BQ - 1) / FA_BQ;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < 2 * Hkv; t++) {
+            int h = t / 2;
+            if (t % 2 == 0) pack_k(k + h * k_sh, S, D, k_st, Spad, kp + (long)h * Spad * D);
+            else pack_v(v + h * v_sh, S, Dv, v_st, Spad, vp + (long)h * Spad * Dv);
+        }
+        float* sc = (float*)aligned_alloc(64, sizeof(float) * FA_BQ * FA_BK);          // scores of one block
+        uint16_t* pb = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * FA_BQ * FA_BK);  // probabilities, bf16
+        float* acc = (float*)aligned_alloc(64, sizeof(float) * FA_BQ * Dv);             // outputs, fp32
+        float m[FA_BQ], l[FA_BQ];
+        // last blocks first: under a causal mask they hold the most keys, so the dynamic schedule ends even
+        #pragma omp for schedule(dynamic, 1)
+        for (int item = 0; item < H * nqb; item++) {
+            int h = item % H, qb = nqb - 1 - item / H, hk = h / rep;
+            int i0 = qb * FA_BQ, R = Tq - i0 < FA_BQ ? Tq - i0 : FA_BQ;
+            const uint16_t* qh = q + h * q_sh + (long)i0 * q_st;
+            const uint16_t* kh = kp + (long)hk * Spad * D;
+            const uint16_t* vh = vp + (long)hk * Spad * Dv;
+            int hi = i0 + R - 1 + q_offset + 1;  // keys [lo, hi) are visible to some query of the block
+            int lo = window > 0 ? i0 + q_offset - window + 1 : 0;
+            if (lo < 0) lo = 0;
+            if (hi > S) hi = S;
+            for (int r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
+            memset(acc, 0, sizeof(float) * FA_BQ * Dv);
+            for (int j0 = lo / FA_BK * FA_BK; j0 < hi; j0 += FA_BK) {
+                // S = Q K^T for rows in groups of 4 x 64 keys: 16 accumulators, keys in lanes
+                for (int r0 = 0; r0 < R; r0 += 4) {
+                    int rn = R - r0 < 4 ? R - r0 : 4;
+                    __m512 a[4][4];
+                    for (int i = 0; i < 4; i++)
+                        for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+                    const uint16_t* kb = kh + (long)(j0 / 16) * (D / 2) * 32;
+                    for (int d2 = 0; d2 < D / 2; d2++) {
+                        __m512bh k0 = (__m512bh)_mm512_load_si512(kb + ((long)0 * (D / 2) + d2) * 32);
+                        __m512bh k1 = (__m512bh)_mm512_load_si512(kb + ((long)1 * (D / 2) + d2) * 32);
+                        __m512bh k2 = (__m512bh)_mm512_load_si512(kb + ((long)2 * (D / 2) + d2) * 32);
+                        __m512bh k3 = (__m512bh)_mm512_load_si512(kb + ((long)3 * (D / 2) + d2) * 32);
+                        for (int i = 0; i < rn; i++) {
+                            __m512bh qv = (__m512bh)bcast_pair(qh + (long)(r0 + i) * q_st + 2 * d2);
+                            a[i][0] = _mm512_dpbf16_ps(a[i][0], k0, qv);
+                            a[i][1] = _mm512_dpbf16_ps(a[i][1], k1, qv);
+                            a[i][2] = _mm512_dpbf16_ps(a[i][2], k2, qv);
+                            a[i][3] = _mm512_dpbf16_ps(a[i][3], k3, qv);
+                        }
+                    }
+                    for (int i = 0; i < rn; i++)
+                        for (int c = 0; c < 4; c++)
+                            _mm512_store_ps(sc + (r0 + i) * FA_BK + 16 * c, _mm512_mul_ps(a[i][c], _mm512_set1_ps(scale)));
+                }
+                // mask, online softmax, probabilities to bf16
+                int edge = j0 + FA_BK > i0 + q_offset + 1 || j0 + FA_BK > S || (window > 0 && j0 <= i0 + R - 1 + q_offset - window);
+                for (int r = 0; r < R; r++) {
+                    float* s = sc + r * FA_BK;
+                    if (edge) {
+                        int i = i0 + r, top = i + q_offset, bot = window > 0 ? top - window : -1;
+                        for (int c = 0; c < FA_BK; c++) {
+                            int j = j0 + c;
+                            if (j > top || j <= bot || j >= S) s[c] = -INFINITY;
+                        }
+                    }
+                    __m512 s0 = _mm512_load_ps(s), s1 = _mm512_load_ps(s + 16), s2 = _mm512_load_ps(s + 32),
+                           s3 = _mm512_load_ps(s + 48);
+                    float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
+                    uint16_t* p = pb + r * FA_BK;
+                    if (bm == -INFINITY) {  // nothing visible in this block for this row
+                        memset(p, 0, sizeof(uint16_t) * FA_BK);
+                        continue;
+                    }
+                    float mn = bm > m[r] ? bm : m[r];
+                    if (mn > m[r]) {
+                        float corr = expf(m[r] - mn);  // 0 on the first visible block
+                        l[r] *= corr;
+                        __m512 cv = _mm512_set1_ps(corr);
+                        for (int d = 0; d < Dv; d += 16)
+                            _mm512_store_ps(acc + r * Dv + d, _mm512_mul_ps(_mm512_load_ps(acc + r * Dv + d), cv));
+                        m[r] = mn;
+                    }
+                    __m512 sh = _mm512_set1_ps(mn);
+                    __m512 p0 = exp512(_mm512_sub_ps(s0, sh)), p1 = exp512(_mm512_sub_ps(s1, sh));
+                    __m512 p2 = exp512(_mm512_sub_ps(s2, sh)), p3 = exp512(_mm512_sub_ps(s3, sh));
+                    __m512 z = _mm512_setzero_ps();  // exp512 clamps at -87: masked keys must weigh exactly 0
+                    p0 = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(s0, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), p0);
+                    p1 = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(s1, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), p1);
+                    p2 = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(s2, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), p2);
+                    p3 = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(s3, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), p3);
+                    l[r] += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3)));
+                    _mm256_store_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(p0));
+                    _mm256_store_si256((__m256i*)(p + 16), (__m256i)_mm512_cvtneps_pbh(p1));
+                    _mm256_store_si256((__m256i*)(p + 32), (__m256i)_mm512_cvtneps_pbh(p2));
+                    _mm256_store_si256((__m256i*)(p + 48), (__m256i)_mm512_cvtneps_pbh(p3));
+                }
+                // acc += P V for rows in groups of 4 x 64 value columns, key pairs in the dot products
+                const uint16_t* vb = vh + (long)(j0 / 2) * Dv * 2;
+                for (int r0 = 0; r0 < R; r0 += 4) {
+                    int rn = R - r0 < 4 ? R - r0 : 4;
+                    for (int d0 = 0; d0 < Dv; d0 += 64) {
+                        __m512 a[4][4];
+                        for (int i = 0; i < 4; i++)
+                            for (int c = 0; c < 4; c++)
+                                a[i][c] = i < rn ? _mm512_load_ps(acc + (r0 + i) * Dv + d0 + 16 * c) : _mm512_setzero_ps();
+                        for (int j2 = 0; j2 < FA_BK / 2; j2++) {
+                            const uint16_t* vr = vb + ((long)j2 * Dv + d0) * 2;
+                            __m512bh v0 = (__m512bh)_mm512_load_si512(vr), v1 = (__m512bh)_mm512_load_si512(vr + 32);
+                            __m512bh v2 = (__m512bh)_mm512_load_si512(vr + 64), v3 = (__m512bh)_mm512_load_si512(vr + 96);
+                            for (int i = 0; i < rn; i++) {
+                                __m512bh pv = (__m512bh)bcast_pair(pb + (r0 + i) * FA_BK + 2 * j2);
+                                a[i][0] = _mm512_dpbf16_ps(a[i][0], v0, pv);
+                                a[i][1] = _mm512_dpbf16_ps(a[i][1], v1, pv);
+                                a[i][2] = _mm512_dpbf16_ps(a[i][2], v2, pv);
+                                a[i][3] = _mm512_dpbf16_ps(a[i][3], v3, pv);
+                            }
+                        }
+                        for (int i = 0; i < rn; i++)
+                            for (int c = 0; c < 4; c++) _mm512_store_ps(acc + (r0 + i) * Dv + d0 + 16 * c, a[i][c]);
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+                uint16_t* o = out + h * o_sh + (long)(i0 + r) * o_st;
+                for (int d = 0; d < Dv; d += 16)
+                    _mm256_storeu_si256((__m256i*)(o + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc + r * Dv + d), inv)));
+                lse[(long)h * Tq + i0 + r] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+            }
+        }
+        free(sc);
+        free(pb);
+        free(acc);
+    }
+    free(kp);
+    free(vp);
 }

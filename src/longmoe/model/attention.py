@@ -24,6 +24,7 @@ from .. import kernels
 
 SLIDING_BLOCK = 512  # most query rows per sliding-window call; windows under 256 use blocks of 2 x window (>= 128)
 SMALL_QUERY_ROWS = 64  # up to this many query rows per kv head, attention runs as two matmuls (decode)
+FLASH_MIN_ROWS = 16  # from this many query rows on, bf16 attention on CPU runs in longmoe.kernels' flash kernel
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def attend_span(
     assert Tq <= Tk, f"queries ({Tq}) must be the tail of the keys ({Tk})"
     if chunk:
         return _chunked(q, k, v, end, scale, chunk)
+    if Tq >= FLASH_MIN_ROWS and not (torch.is_grad_enabled() and q.requires_grad):
+        fused = kernels.flash_attention(q, k, v, scale, Tk - Tq, window)  # bf16 on CPU: one pass, no merges
+        if fused is not None:
+            return fused
     if window and Tk > window:
         return _sliding(q, k, v, end, scale, window)
     if Tq == Tk:

@@ -36,7 +36,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = kernels.silu_mul(gate, up)  # bf16 inference: one pass, same rounding
+        return self.down_proj(F.silu(gate) * up if h is None else h)
 
 
 class Router(nn.Module):
@@ -95,7 +97,8 @@ class GroupedExperts(nn.Module):
             return self.forward_loop(x_MH, counts_E)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(x_MH, self.gate_up_proj.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs_E)
+        h = kernels.silu_mul(gate, up)  # bf16 inference: one pass, same rounding
+        return F.grouped_mm(F.silu(gate) * up if h is None else h, self.down_proj.transpose(-2, -1), offs=offs_E)
 
     def forward_loop(self, x_MH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The readable reference: one SwiGLU per expert over its contiguous slice of tokens."""
@@ -164,6 +167,9 @@ class MoE(nn.Module):
         if self.config.weight_on_input:
             x_MH = (x_MH * weight_M1).to(x_NH.dtype)
         y_MH = self.experts(x_MH, counts_E)
+        fused = kernels.moe_combine(y_MH, order_M, weights_NK, not self.config.weight_on_input)  # bf16 inference
+        if fused is not None:
+            return fused
         if not self.config.weight_on_input:
             y_MH = (y_MH * weight_M1).to(x_NH.dtype)
         # Combine: scatter each pair's output back onto its token (index_add_ is deterministic on CPU).

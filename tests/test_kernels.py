@@ -324,3 +324,38 @@ def test_bf16_prefill_with_and_without_kernels(tmp_path, monkeypatch, sliding_wi
     assert len(fused) == len(prompt) - 1
     assert fused_err.mean() <= 1.5 * ref_err.mean() + 1e-3, (fused_err.mean(), ref_err.mean())
     assert fused_err.max() <= 2 * ref_err.max() + 0.05, (fused_err.max(), ref_err.max())
+
+
+def test_fused_decode_equals_the_model_forward(tmp_path):
+    """Decoding one sequence with one C call per layer (engine.fused_decode) gives the tokens and log-probabilities
+    of the model's own forward, also when the cached keys sit in two runs of slots (a prefix-cache hit)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import longmoe
+    from longmoe.engine.engine import SamplingParams
+
+    torch.manual_seed(12)
+    cfg = MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=4096)  # fmt: skip
+    MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    a, b, tail = (torch.randint(0, 512, (n,), generator=g).tolist() for n in (100, 50, 30))
+
+    def run(fused: bool) -> list[tuple[list[int], list[float], int]]:
+        m = longmoe.load(tmp_path, block_size=16)
+        assert m.engine.fused_decode is not None
+        if not fused:
+            m.engine.fused_decode = None
+        out = []
+        for prompt in (a, b, a[:64] + tail):  # the third reuses a's first 4 blocks, then continues after b's
+            seq = m.engine.submit(prompt, SamplingParams(max_new_tokens=12, logprobs=True, ignore_eos=True))
+            m.engine.run(seq)
+            out.append((seq.output, seq.logprobs, len(m.engine.cache.rows[0].runs)))
+        return out
+
+    fused, ref = run(True), run(False)
+    assert fused[2][2] == 2  # the third prompt decoded over two runs of slots
+    for (ids, lps, _), (ref_ids, ref_lps, _) in zip(fused, ref):
+        assert ids == ref_ids
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=0.02, rtol=0)

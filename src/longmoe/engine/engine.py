@@ -26,6 +26,8 @@ from ..model.config import ModelConfig
 from ..multimodal import Prompt
 from ..sysinfo import available_memory, fmt_gib
 from ..tokenizer import Detokenizer, Tokenizer
+from .fused_decode import FusedDecode
+from .fused_decode import unsupported as fused_unsupported
 from .kv_cache import OutOfBlocks, PagedKVCache, Row, block_hashes
 from .planner import MemoryPlan, MemoryPlanError, activation_bytes, blocks_needed, bytes_per_token, kv_bytes
 from .sampling import sample, validate_sampling
@@ -223,6 +225,8 @@ class Engine:
                 f"{fmt_gib(local_bytes)}, {fmt_gib(max(free, 0))} free after the weights; free memory or lower max_seqs"
             )
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, kv_dtype, self.device)
+        # a lone decoding sequence runs one C call per layer when the model is of the kind that kernel implements
+        self.fused_decode = FusedDecode(model, self.cache) if fused_unsupported(model, self.cache) is None else None
         self.capacity_tokens = num_blocks.get("full", 0) * block_size if "full" in kinds else None
 
         self.waiting: deque[Sequence] = deque()
@@ -517,7 +521,10 @@ class Engine:
         ids = torch.tensor([seq.tokens[start : start + n] for seq, start, n in rows], device=self.device)
         pos = torch.tensor([list(range(start, start + n)) for _, start, n in rows], device=self.device)
         with torch.inference_mode():
-            if any(seq.media is not None for seq, _, _ in rows):
+            seq0, start0, n0 = rows[0]
+            if self.fused_decode is not None and len(rows) == 1 and n0 == 1 and outputs == 1 and seq0.media is None:
+                logits = self.fused_decode(seq0.tokens[start0], start0)
+            elif any(seq.media is not None for seq, _, _ in rows):
                 embeds, rope_pos, deepstack = self._media_inputs(rows, ids, pos)
                 logits = self.model(input_embeds=embeds, positions=pos, cache=self.cache, outputs=outputs,
                                     rope_positions=rope_pos, deepstack=deepstack).logits  # fmt: skip

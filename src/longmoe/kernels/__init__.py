@@ -99,6 +99,9 @@ def _load() -> ctypes.CDLL | bool:
                                   ctypes.c_int, ctypes.c_void_p]  # fmt: skip
         P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         lib.flash_attn_bf16.argtypes = [P, I, I, I, L, L, P, P, I, I, I, L, L, L, L, I, I, ctypes.c_float, P, L, L, P]
+        F_ = ctypes.c_float
+        lib.decode_layer_bf16.argtypes = [P, I, F_, P, P, P, P, P, I, I, I, P, P, I, P, P, L, L, P, I, F_, P, P, I, I,
+                                          I, F_, P, P, I]  # fmt: skip
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         _why_not = _failure(SOURCE, e)

@@ -88,8 +88,6 @@ void gemv_bf16(const uint16_t* x, int M, int K, const uint16_t* w, long ldw, int
     }
 }
 
-// RMSNorm of bf16 rows x [M, C] -> out [M, C]: bf16(x * rsqrt(mean(x^2) + eps)), then times the bf16 weight
-// (rounded again) when there is one; the rounding points of longmoe.model.transformer.RMSNorm.
 // The routed experts of a few tokens (decode), in one call. Pair p sends token tok[p] to expert ex[p] with
 // weight w[p]; pairs are sorted by expert, then token. x [N, H], gate_up [E, 2I, H] (gate rows first),
 // down [E, H, I], out [N, H]: all bf16, out zeroed by the caller. Every intermediate is rounded to bf16 where
@@ -442,4 +440,123 @@ void flash_attn_bf16(const uint16_t* q, int H, int Tq, int D, long q_sh, long q_
     }
     free(kp);
     free(vp);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// One decoder layer for one token (decode), in one call: the per-op dispatch of eager PyTorch costs more than the
+// layer's arithmetic at this size. For the plain GQA + routed-MoE layer (Mixtral, Qwen3-MoE without q/k norms, ...):
+//   h = RMSNorm(x); q, k, v = h Wq, h Wk, h Wv; RoPE(q, k) (rope: 0 none, 1 halves, 2 interleaved); store k, v at
+//   `slot` of this layer's cache ([Hkv, slots, D], head stride kv_hs); attend over the runs (first slot, length) of
+//   visible keys (the new one included); x += o Wo; h = RMSNorm(x); softmax router, top-k (renormalised when
+//   norm_topk, times routed_scale); x += the experts' weighted outputs.
+// Every intermediate is rounded to bf16 where the PyTorch path rounds it, through the same kernels (gemv_bf16,
+// decode_attn_bf16, moe_decode_bf16), so the result matches it within the last bit of a few values.
+static void rmsnorm_one(const uint16_t* x, int C, const uint16_t* w, float eps, uint16_t* out) {
+    float ss = 0.0f;
+    for (int c = 0; c < C; c++) ss += from_bf16(x[c]) * from_bf16(x[c]);
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    for (int c = 0; c < C; c++) out[c] = to_bf16(from_bf16(w[c]) * from_bf16(to_bf16(from_bf16(x[c]) * r)));
+}
+
+static void rope_one(uint16_t* x, int heads, int D, const float* cos, const float* sin, int interleaved) {
+    int half = D / 2;
+    for (int h = 0; h < heads; h++) {
+        uint16_t* xr = x + (long)h * D;
+        for (int i = 0; i < half; i++) {
+            int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+            float x1 = from_bf16(xr[a]), x2 = from_bf16(xr[b]);
+            float x1c = x1 * cos[i], x2s = x2 * sin[i], x2c = x2 * cos[i], x1s = x1 * sin[i];
+            xr[a] = to_bf16(x1c - x2s);
+            xr[b] = to_bf16(x2c + x1s);
+        }
+    }
+}
+
+void decode_layer_bf16(uint16_t* x, int C, float eps, const uint16_t* ln1, const uint16_t* wq, const uint16_t* wk,
+                       const uint16_t* wv, const uint16_t* wo, int H, int Hkv, int D, const float* cos,
+                       const float* sin, int rope, uint16_t* kc, uint16_t* vc, long kv_hs, long slot,
+                       const long* runs, int n_runs, float scale, const uint16_t* ln2, const uint16_t* wr, int E,
+                       int K, int norm_topk, float routed_scale, const uint16_t* gate_up, const uint16_t* down,
+                       int I) {
+    int rep = H / Hkv;
+    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * C);
+    uint16_t* q = (uint16_t*)malloc(sizeof(uint16_t) * H * D);
+    uint16_t* kv = (uint16_t*)malloc(sizeof(uint16_t) * 2 * Hkv * D);
+    uint16_t* o = (uint16_t*)malloc(sizeof(uint16_t) * H * D);
+    uint16_t* y = (uint16_t*)malloc(sizeof(uint16_t) * C);
+    float* acc = (float*)malloc(sizeof(float) * rep * D * 2);
+    float* lse = (float*)malloc(sizeof(float) * rep * 2);
+    // attention block
+    rmsnorm_one(x, C, ln1, eps, h);
+    gemv_bf16(h, 1, C, wq, C, H * D, q, H * D, 1);
+    gemv_bf16(h, 1, C, wk, C, Hkv * D, kv, Hkv * D, 1);
+    gemv_bf16(h, 1, C, wv, C, Hkv * D, kv + Hkv * D, Hkv * D, 1);
+    if (rope) {
+        rope_one(q, H, D, cos, sin, rope == 2);
+        rope_one(kv, Hkv, D, cos, sin, rope == 2);
+    }
+    for (int g = 0; g < Hkv; g++) {
+        memcpy(kc + g * kv_hs + slot * D, kv + (long)g * D, sizeof(uint16_t) * D);
+        memcpy(vc + g * kv_hs + slot * D, kv + (long)(Hkv + g) * D, sizeof(uint16_t) * D);
+    }
+    for (int g = 0; g < Hkv; g++) {
+        const uint16_t* qg = q + (long)g * rep * D;  // the query heads that share kv head g
+        for (int r = 0; r < n_runs; r++) {
+            long first = runs[2 * r], n = runs[2 * r + 1];
+            float* a = r == 0 ? acc : acc + rep * D;
+            float* l = r == 0 ? lse : lse + rep;
+            decode_attn_bf16(qg, rep, D, D, kc + g * kv_hs + first * D, D, vc + g * kv_hs + first * D, D, D, (int)n,
+                             scale, a, l);
+            for (int i = 0; i < rep * D; i++) a[i] = from_bf16(to_bf16(a[i]));  // each run's output is bf16
+            if (r > 0)  // merge into the running result as attention.merge does (new run first), rounded to bf16
+                for (int i = 0; i < rep; i++) {
+                    float wb = 1.0f / (1.0f + expf(-(lse[i] - l[i])));  // sigmoid(lse_running - lse_new)
+                    for (int d = 0; d < D; d++) {
+                        float na = a[i * D + d], nb = acc[i * D + d];
+                        acc[i * D + d] = from_bf16(to_bf16(na - wb * (na - nb)));
+                    }
+                    float hi = lse[i] > l[i] ? lse[i] : l[i], lo = lse[i] > l[i] ? l[i] : lse[i];
+                    lse[i] = hi + log1pf(expf(lo - hi));
+                }
+        }
+        for (int i = 0; i < rep * D; i++) o[(long)g * rep * D + i] = to_bf16(acc[i]);
+    }
+    gemv_bf16(o, 1, H * D, wo, H * D, C, y, C, 1);
+    for (int c = 0; c < C; c++) x[c] = to_bf16(from_bf16(x[c]) + from_bf16(y[c]));
+    // MoE block: router in fp32, top-k, then the experts as in moe_decode_bf16
+    rmsnorm_one(x, C, ln2, eps, h);
+    float logit[256], score[256];
+    float mx = -INFINITY;
+    for (int e = 0; e < E; e++) {
+        float sacc = 0.0f;
+        for (int c = 0; c < C; c++) sacc += from_bf16(h[c]) * from_bf16(wr[(long)e * C + c]);
+        logit[e] = sacc;
+        mx = sacc > mx ? sacc : mx;
+    }
+    float tot = 0.0f;
+    for (int e = 0; e < E; e++) tot += (score[e] = expf(logit[e] - mx));
+    for (int e = 0; e < E; e++) score[e] /= tot;
+    int ex[16];
+    float w[16], wsum = 0.0f;
+    unsigned char taken[256] = {0};
+    for (int k = 0; k < K; k++) {  // top-k by score, lowest index first among equals
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
+        taken[best] = 1;
+        ex[k] = best;
+        w[k] = score[best];
+    }
+    for (int k = 0; k < K; k++) wsum += w[k];
+    for (int k = 0; k < K; k++) w[k] = (norm_topk ? w[k] / (wsum + 1e-20f) : w[k]) * routed_scale;
+    for (int a = 1; a < K; a++)  // pairs sorted by expert, the order moe_decode_bf16 adds them in
+        for (int b = a; b > 0 && ex[b - 1] > ex[b]; b--) {
+            int te = ex[b]; ex[b] = ex[b - 1]; ex[b - 1] = te;
+            float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
+        }
+    int tok[16] = {0};
+    memset(y, 0, sizeof(uint16_t) * C);
+    moe_decode_bf16(h, C, I, K, tok, ex, w, 0, gate_up, down, y);
+    for (int c = 0; c < C; c++) x[c] = to_bf16(from_bf16(x[c]) + from_bf16(y[c]));
+    free(h); free(q); free(kv); free(o); free(y); free(acc); free(lse);
 }

@@ -39,10 +39,12 @@ _why_not = ""  # why the kernels are not in use, once _load has run
 def status() -> str:
     """Which path decode and the bf16 loss take on this machine, and why (for `longmoe info`)."""
     lib = _load()
-    decode = "AVX-512 BF16 kernels (decode GEMV, attention, MoE experts; loss)" if lib else f"PyTorch ops ({_why_not})"
+    flash = "PyTorch's flash attention (AMX)" if AMX else "flash attention"
+    decode = (f"AVX-512 BF16 kernels (prefill: {flash}; decode: one call per layer, GEMV, attention, MoE experts; "
+              "loss)" if lib else f"PyTorch ops ({_why_not})")  # fmt: skip
     rows = "C kernels for this CPU (RMSNorm, RoPE, SwiGLU, MoE combine)" if _load_prefill() else (
         f"PyTorch ops ({_prefill_why_not})")  # fmt: skip
-    return f"bf16 decode: {decode}; element-wise passes: {rows}"
+    return f"bf16: {decode}; element-wise passes: {rows}"
 
 
 def _build(source: Path, flags: list[str]) -> ctypes.CDLL:
@@ -198,6 +200,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 FLASH_SPAN = 16384  # keys per flash_attention call: bounds the packed copy of K and V it makes
+AMX = "amx_bf16" in cpu_flags() and os.environ.get("LONGMOE_FLASH", "") != "1"  # LONGMOE_FLASH=1: ours anyway
 
 
 def flash_attention(
@@ -212,6 +215,7 @@ def flash_attention(
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     if (
         Tq == 0
+        or AMX  # oneDNN's AMX tiles in PyTorch's flash kernel (~550-690 GFLOP/s) beat AVX-512 dot products there
         or D % 32
         or Dv % 64
         or H % Hkv

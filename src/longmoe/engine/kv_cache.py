@@ -174,8 +174,9 @@ class PagedKVCache:
                 r.runs = []
                 table = r.tables["full"]
                 visible = r.start + (r.length == 1)
-                n_blocks = -(-(r.start + r.length) // bs)
-                r.first_slot = table[0] * bs if table[:n_blocks] == list(range(table[0], table[0] + n_blocks)) else None
+                n_blocks = -(-(r.start + r.length) // bs)  # prefill only: decode reads the runs
+                consecutive = r.length > 1 and table[:n_blocks] == list(range(table[0], table[0] + n_blocks))
+                r.first_slot = table[0] * bs if consecutive else None
                 for p in range(0, visible, bs):  # consecutive physical blocks merge into one run
                     n = min(bs, visible - p)
                     slot = table[p // bs] * bs

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,9 +48,11 @@ def status() -> str:
     return f"bf16: {decode}; element-wise passes: {rows}"
 
 
-def _build(source: Path, flags: list[str]) -> ctypes.CDLL:
-    """Compile `source` once per content, flags and CPU into ~/.cache/longmoe/ (atomically) and load it."""
-    key = source.read_bytes() + " ".join(flags).encode() + " ".join(sorted(cpu_flags())).encode()
+def _build(source: Path, flags: list[str], *includes: Path) -> ctypes.CDLL:
+    """Compile `source` once per content (its own and that of the files it includes), flags and CPU into
+    ~/.cache/longmoe/ (atomically) and load it."""
+    key = b"".join(p.read_bytes() for p in (source, *includes))
+    key += " ".join(flags).encode() + " ".join(sorted(cpu_flags())).encode()
     cache = Path(os.environ.get("LONGMOE_CACHE", Path.home() / ".cache" / "longmoe"))
     so = cache / f"{source.stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if not so.exists():
@@ -69,24 +72,28 @@ def _failure(source: Path, e: Exception) -> str:
     return why
 
 
+def _unavailable(need_avx512_bf16: bool) -> str:
+    """Why a kernel library cannot be built or used here ("" when it can)."""
+    if os.environ.get("LONGMOE_KERNELS", "1") == "0":
+        return "LONGMOE_KERNELS=0"
+    if not sys.platform.startswith("linux"):
+        return f"the kernels are built for Linux, this is {sys.platform}"
+    if need_avx512_bf16 and "avx512_bf16" not in cpu_flags():
+        return "this CPU has no AVX-512 BF16 instructions"
+    return ""
+
+
 def _load() -> ctypes.CDLL | bool:
     global _lib, _why_not
     if _lib is not None:
         return _lib
     _lib = False
-    if os.environ.get("LONGMOE_KERNELS", "1") == "0":
-        _why_not = "LONGMOE_KERNELS=0"
-        return _lib
-    if not sys.platform.startswith("linux"):
-        _why_not = f"the kernels are built for Linux, this is {sys.platform}"
-        return _lib
-    if "avx512_bf16" not in cpu_flags():
-        _why_not = "this CPU has no AVX-512 BF16 instructions"
+    if _why_not := _unavailable(need_avx512_bf16=True):
         return _lib
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
              "-fPIC"]  # fmt: skip
     try:
-        lib = _build(SOURCE, flags)
+        lib = _build(SOURCE, flags, PREFILL_SOURCE)  # decode.c includes prefill.c
         lib.gemv_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]  # fmt: skip
         lib.moe_decode_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
@@ -116,11 +123,7 @@ def _load_prefill() -> ctypes.CDLL | bool:
     if _prefill_lib is not None:
         return _prefill_lib
     _prefill_lib = False
-    if os.environ.get("LONGMOE_KERNELS", "1") == "0":
-        _prefill_why_not = "LONGMOE_KERNELS=0"
-        return _prefill_lib
-    if not sys.platform.startswith("linux"):
-        _prefill_why_not = f"the kernels are built for Linux, this is {sys.platform}"
+    if _prefill_why_not := _unavailable(need_avx512_bf16=False):
         return _prefill_lib
     try:
         lib = _build(PREFILL_SOURCE, ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"])
@@ -135,12 +138,10 @@ def _load_prefill() -> ctypes.CDLL | bool:
     return _prefill_lib
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
-    return (
-        not torch.is_grad_enabled()
-        and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-        and bool(_load())
-    )
+def _usable(*tensors: torch.Tensor, lib: Callable[[], ctypes.CDLL | bool] = _load) -> bool:
+    """Inference (no autograd) on CPU bf16 tensors, with the kernel library `lib` loads built and loaded."""
+    return not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) \
+        and bool(lib())  # fmt: skip
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,19 +278,11 @@ def moe_decode(
     return out
 
 
-def _usable_rows(*tensors: torch.Tensor) -> bool:
-    return (
-        not torch.is_grad_enabled()
-        and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-        and bool(_load_prefill())
-    )
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
     """RMSNorm of bf16 rows in one pass (the PyTorch form costs eight ops and an fp32 copy); None when the kernel
     can't."""
     C = x.shape[-1]
-    if C == 0 or not (_usable_rows(x) if weight is None else _usable_rows(x, weight)):
+    if C == 0 or not (_usable(x, lib=_load_prefill) if weight is None else _usable(x, weight, lib=_load_prefill)):
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -307,7 +300,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         or sin.dtype != torch.float32
         or cos.shape != (B, T, 1, D // 2)
         or sin.shape != cos.shape
-        or not _usable_rows(x)
+        or not _usable(x, lib=_load_prefill)
     ):
         return None
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
@@ -328,7 +321,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         or gate.shape != up.shape
         or gate.stride() != up.stride()
         or gate.stride(1) != 1
-        or not _usable_rows(gate, up)
+        or not _usable(gate, up, lib=_load_prefill)
     ):
         return None
     M, I = gate.shape  # noqa: E741
@@ -344,7 +337,7 @@ def moe_combine(
     added in the order index_add_ adds them, rounding where MoE._dispatch rounds. y_MH holds the N*K expert outputs
     sorted by `order_M` (the permutation of flattened (token, slot) pairs). -> out [N, H] bf16, or None."""
     M, H = y_MH.shape
-    if weights_NK.dtype != torch.float32 or weights_NK.shape[1] > 16 or not _usable_rows(y_MH):
+    if weights_NK.dtype != torch.float32 or weights_NK.shape[1] > 16 or not _usable(y_MH, lib=_load_prefill):
         return None
     N, K = weights_NK.shape
     pos_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(M))  # pair -> its row in y_MH

@@ -8,6 +8,8 @@
 #include <omp.h>
 #include <math.h>
 
+#include "prefill.c"  // to_bf16 / from_bf16 and the row kernels (RMSNorm, RoPE) the fused decode layer reuses
+
 static inline __m512 bf16x16_to_f32(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -41,21 +43,6 @@ static void accumulate_pv(const float* p, long ldp, int p0, int R, int s0, int s
                 }
         }
     }
-}
-
-// Round to the nearest bf16, ties to even: what PyTorch's float -> bfloat16 conversion does.
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int K) {  // K % 32 == 0
@@ -451,27 +438,6 @@ void flash_attn_bf16(const uint16_t* q, int H, int Tq, int D, long q_sh, long q_
 //   norm_topk, times routed_scale); x += the experts' weighted outputs.
 // Every intermediate is rounded to bf16 where the PyTorch path rounds it, through the same kernels (gemv_bf16,
 // decode_attn_bf16, moe_decode_bf16), so the result matches it within the last bit of a few values.
-static void rmsnorm_one(const uint16_t* x, int C, const uint16_t* w, float eps, uint16_t* out) {
-    float ss = 0.0f;
-    for (int c = 0; c < C; c++) ss += from_bf16(x[c]) * from_bf16(x[c]);
-    float r = 1.0f / sqrtf(ss / (float)C + eps);
-    for (int c = 0; c < C; c++) out[c] = to_bf16(from_bf16(w[c]) * from_bf16(to_bf16(from_bf16(x[c]) * r)));
-}
-
-static void rope_one(uint16_t* x, int heads, int D, const float* cos, const float* sin, int interleaved) {
-    int half = D / 2;
-    for (int h = 0; h < heads; h++) {
-        uint16_t* xr = x + (long)h * D;
-        for (int i = 0; i < half; i++) {
-            int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-            float x1 = from_bf16(xr[a]), x2 = from_bf16(xr[b]);
-            float x1c = x1 * cos[i], x2s = x2 * sin[i], x2c = x2 * cos[i], x1s = x1 * sin[i];
-            xr[a] = to_bf16(x1c - x2s);
-            xr[b] = to_bf16(x2c + x1s);
-        }
-    }
-}
-
 void decode_layer_bf16(uint16_t* x, int C, float eps, const uint16_t* ln1, const uint16_t* wq, const uint16_t* wk,
                        const uint16_t* wv, const uint16_t* wo, int H, int Hkv, int D, const float* cos,
                        const float* sin, int rope, uint16_t* kc, uint16_t* vc, long kv_hs, long slot,
@@ -487,13 +453,13 @@ void decode_layer_bf16(uint16_t* x, int C, float eps, const uint16_t* ln1, const
     float* acc = (float*)malloc(sizeof(float) * rep * D * 2);
     float* lse = (float*)malloc(sizeof(float) * rep * 2);
     // attention block
-    rmsnorm_one(x, C, ln1, eps, h);
+    rmsnorm_rows(x, 1, C, C, ln1, eps, h);
     gemv_bf16(h, 1, C, wq, C, H * D, q, H * D, 1);
     gemv_bf16(h, 1, C, wk, C, Hkv * D, kv, Hkv * D, 1);
     gemv_bf16(h, 1, C, wv, C, Hkv * D, kv + Hkv * D, Hkv * D, 1);
     if (rope) {
-        rope_one(q, H, D, cos, sin, rope == 2);
-        rope_one(kv, Hkv, D, cos, sin, rope == 2);
+        rope_rows(q, 1, H, D, H * D, cos, sin, rope == 2, q);  // in place: each pair is read before it is written
+        rope_rows(kv, 1, Hkv, D, Hkv * D, cos, sin, rope == 2, kv);
     }
     for (int g = 0; g < Hkv; g++) {
         memcpy(kc + g * kv_hs + slot * D, kv + (long)g * D, sizeof(uint16_t) * D);
@@ -524,7 +490,7 @@ void decode_layer_bf16(uint16_t* x, int C, float eps, const uint16_t* ln1, const
     gemv_bf16(o, 1, H * D, wo, H * D, C, y, C, 1);
     for (int c = 0; c < C; c++) x[c] = to_bf16(from_bf16(x[c]) + from_bf16(y[c]));
     // MoE block: router in fp32, top-k, then the experts as in moe_decode_bf16
-    rmsnorm_one(x, C, ln2, eps, h);
+    rmsnorm_rows(x, 1, C, C, ln2, eps, h);
     float logit[256], score[256];
     float mx = -INFINITY;
     for (int e = 0; e < E; e++) {

@@ -371,6 +371,38 @@ def test_retrieval_settings_are_checked():
         load_config("tiny", ["data.retrieval_repeat_digits=1.5"])
 
 
+def test_a_stage_changes_the_retrieval_settings_from_its_step_on_and_after_a_resume(tmp_path):
+    """The bundled recipe's last stage plants more facts and digit runs: a stage's retrieval settings hold from its
+    start step, are restored by a resume, and leave the run's config (saved with it) as written."""
+    from longmoe.train import loop
+
+    stage = "stages=[{start_step=2, seq_len=32, retrieval_facts=[3], retrieval_repeat_digits=0.5}]"
+    default = load_config("tiny", [*SMALL]).data
+    default = (default.retrieval_facts, default.retrieval_repeat_digits)
+
+    def run(resume: bool) -> list[tuple]:
+        cfg = load_config("tiny", [*SMALL, "steps=4", stage])
+        trainer = loop.Trainer(cfg, tmp_path, resume=resume, quiet=True)
+        seen, real = [], trainer.data.next
+
+        def spy(*args):
+            seen.append((trainer.step, trainer.data.cfg.retrieval_facts, trainer.data.cfg.retrieval_repeat_digits))
+            return real(*args)
+
+        trainer.data.next = spy
+        trainer.train(stop_at=None if resume else 3)
+        trainer.close()
+        assert (cfg.data.retrieval_facts, cfg.data.retrieval_repeat_digits) == default
+        return seen
+
+    assert run(resume=False) == [(0, *default), (1, *default), (2, [3], 0.5)]
+    assert run(resume=True) == [(3, [3], 0.5)]
+    with pytest.raises(ConfigError, match="stages: retrieval_facts"):
+        load_config("tiny", ["stages=[{start_step=2, seq_len=32, retrieval_facts=[0]}]"])
+    with pytest.raises(ConfigError, match="stages: retrieval_repeat_digits"):
+        load_config("tiny", ["stages=[{start_step=2, seq_len=32, retrieval_repeat_digits=2.0}]"])
+
+
 def test_flops_per_token_counts_windows_and_the_answer_tail():
     """MFU's numerator: the PaLM count on full-attention models; a sliding layer attends over its window only, and a
     long synthetic row runs its last layer and the output projection on the answer tail only (MFU was >100%)."""

@@ -96,6 +96,8 @@ class Stage:
     rope_theta: float = 0.0  # 0: keep
     rope_scaling: dict[str, Any] | None = None
     synthetic_lengths: list[int] | None = None  # new data.synthetic_lengths from this step on (None: keep)
+    retrieval_facts: list[int] | None = None  # new data.retrieval_facts from this step on (None: keep)
+    retrieval_repeat_digits: float | None = None  # new data.retrieval_repeat_digits from this step on (None: keep)
 
 
 TINY_MODEL = dict(
@@ -166,7 +168,9 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def stages(cfg: TrainConfig) -> list[Stage]:
-    out = [Stage(0, cfg.data.seq_len, synthetic_lengths=cfg.data.synthetic_lengths)]
+    d = cfg.data
+    out = [Stage(0, d.seq_len, synthetic_lengths=d.synthetic_lengths, retrieval_facts=d.retrieval_facts,
+                 retrieval_repeat_digits=d.retrieval_repeat_digits)]
     for i, s in enumerate(cfg.stages):
         out.append(dataclass_from_dict(Stage, s, f"stages[{i}]"))
     return sorted(out, key=lambda s: s.start_step)
@@ -248,6 +252,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         lengths = st.synthetic_lengths
         need(lengths is None or (len(lengths) == 2 and 64 <= lengths[0] <= lengths[1]),
              f"stages: synthetic_lengths = {lengths}: give [min, max] tokens with 64 <= min <= max")
+        facts = st.retrieval_facts
+        need(facts is None or (bool(facts) and all(isinstance(n, int) and n >= 1 for n in facts)),
+             f"stages: retrieval_facts = {facts}: give one or more whole numbers >= 1 (facts per row)")
+        share = st.retrieval_repeat_digits
+        need(share is None or 0 <= share <= 1, f"stages: retrieval_repeat_digits = {share}: a share, between 0 and 1")
         if cfg.parallel.cp > 1:
             need(st.seq_len % (2 * cfg.parallel.cp) == 0,
                  f"seq_len {st.seq_len} must be divisible by 2 x parallel.cp = {2 * cfg.parallel.cp} "

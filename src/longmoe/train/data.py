@@ -227,11 +227,11 @@ class Batches:
         self.stream = iter(self.docs)
         self.buffer: list[tuple[int, int]] = []  # (token, starts a document) carried over to the next row
         self.row = 0  # rows produced so far (synthetic and real)
+        self._haystack: list[str] | None = None  # (before the checks: a retrieval task's fit needs it)
         self.synthetic = split == "train" and cfg.synthetic_ratio > 0
         if self.synthetic:
             self._check_tasks_fit(cfg.seq_len)
         self.synthetic_batches = 0  # long synthetic micro-batches produced so far (data.synthetic_rows)
-        self._haystack: list[str] | None = None
         if split == "train" and cfg.synthetic_rows:
             self._check_tasks_fit(cfg.synthetic_lengths[0])
 

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -239,9 +240,12 @@ class Trainer:
                 self.model.rotary = RotaryEmbedding(c)
             if stage.seq_len > c.max_position_embeddings:
                 c.max_position_embeddings = stage.seq_len
-            # the latest stage that set them (stage 0 always does): the same after a resume
-            self.synthetic_lengths = next(s.synthetic_lengths for s in reversed(self.stages)
-                                          if s.start_step <= self.step and s.synthetic_lengths)  # fmt: skip
+            # each setting from the latest stage that set it (stage 0 sets them all): the same after a resume
+            latest = lambda name: next(getattr(s, name) for s in reversed(self.stages)  # noqa: E731
+                                       if s.start_step <= self.step and getattr(s, name) is not None)  # fmt: skip
+            self.synthetic_lengths = latest("synthetic_lengths")
+            self.data.cfg = replace(self.cfg.data, retrieval_facts=latest("retrieval_facts"),
+                                    retrieval_repeat_digits=latest("retrieval_repeat_digits"))
             self.stage = stage
         return stage.seq_len
 
